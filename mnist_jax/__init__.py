@@ -1,0 +1,1 @@
+"""mnist_jax: the Keras MNIST notebook as a small, fast JAX research codebase."""

@@ -1,0 +1,79 @@
+"""What a run reports: metric summaries, writers (TensorBoard + JSON lines), fingerprints."""
+
+import hashlib
+import json
+import os
+import pathlib
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+from clu import metric_writers
+import flax
+import jax
+import jaxlib
+import numpy as np
+import optax
+
+
+def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
+  """Loss and accuracy from summed metrics (sums over real examples)."""
+  sums = jax.device_get(sums)
+  count = max(float(sums['count']), 1.0)
+  return {f'{prefix}loss': float(sums['loss']) / count,
+          f'{prefix}accuracy': float(sums['correct']) / count}
+
+
+def count_params(params) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def fingerprint(params) -> str:
+  """sha256 over every parameter's path, dtype, shape and bytes: equal iff bit-identical."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    leaf = np.asarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}'.encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+  device = jax.devices()[0]
+  return dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
+              flax=flax.__version__, optax=optax.__version__, backend=jax.default_backend(),
+              device=device.device_kind, device_count=str(jax.device_count()),
+              process_count=str(jax.process_count()))
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Writes atomically, so a reader (or a killed run) never sees half a file."""
+  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+
+
+class MetricLogger:
+  """Scalars to TensorBoard event files (clu) and to `metrics.jsonl`, one record per write."""
+
+  def __init__(self, workdir: pathlib.Path, *, tensorboard: bool, enabled: bool = True):
+    self._enabled = enabled
+    if not enabled:
+      return
+    self._jsonl = open(workdir / 'metrics.jsonl', 'a')
+    self._writer = (metric_writers.SummaryWriter(str(workdir))
+                    if tensorboard else None)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    self._jsonl.write(json.dumps(dict(step=step, **scalars)) + '\n')
+    self._jsonl.flush()
+    if self._writer:
+      self._writer.write_scalars(step, {k: v for k, v in scalars.items() if k != 'epoch'})
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      if self._writer:
+        self._writer.close()

@@ -1,0 +1,26 @@
+"""A multilayer perceptron: flatten, [Dense -> activation] per hidden size, Dense to logits."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from mnist_jax import models
+
+
+class Model(nn.Module):
+  num_classes: int
+  hidden_sizes: Sequence[int] = (512,)
+  activation: str = 'relu'
+  kernel_init: str = 'glorot_uniform'
+  bias_init: str = 'zeros'
+
+  @nn.compact
+  def __call__(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
+    del train  # No dropout or batch norm here.
+    dense = lambda size: nn.Dense(size, kernel_init=models.initializer(self.kernel_init),
+                                  bias_init=models.initializer(self.bias_init))
+    x_BxD = images_BxHxWxC.reshape((images_BxHxWxC.shape[0], -1))
+    for size in self.hidden_sizes:
+      x_BxD = models.activation(self.activation)(dense(size)(x_BxD))
+    return dense(self.num_classes)(x_BxD)

@@ -1,0 +1,133 @@
+"""The train and eval steps: pure functions of (state, batch), jitted once at module level.
+
+A batch is a dict: 'image' uint8 [B, H, W, C], 'label' int32 [B], 'mask' float32 [B] (1 for a
+real example, 0 for padding). Losses are means over the real examples only, so a padded last
+batch counts exactly its real examples, as Keras's smaller last batch does.
+
+Several steps run per jitted call (`lax.scan`), so Python dispatch is paid once per call:
+`train_chunk` scans stacked batches that tf.data prepared; `train_chunk_resident` gathers each
+batch on the device from a resident copy of the dataset. Both run the same `train_step`.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict[str, jax.Array]
+Sums = dict[str, jax.Array]  # Metric sums over real examples: loss, correct, count.
+
+
+class TrainState(train_state.TrainState):
+  rng: jax.Array  # Folded with the step for per-step randomness (dropout, augmentation).
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, ...]) -> TrainState:
+  init_rng, state_rng = jax.random.split(rng)
+  params = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
+
+
+def preprocess(image_BxHxWxC: jax.Array) -> jax.Array:
+  return image_BxHxWxC.astype(jnp.float32) / 255.0
+
+
+def metric_sums(logits_BxC: jax.Array, batch: Batch) -> Sums:
+  mask_B = batch['mask']
+  loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch['label'])
+  correct_B = (jnp.argmax(logits_BxC, axis=-1) == batch['label']).astype(jnp.float32)
+  return dict(loss=jnp.sum(loss_B * mask_B), correct=jnp.sum(correct_B * mask_B),
+              count=jnp.sum(mask_B))
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Sums]:
+  """One optimizer step on the mean loss over the batch's real examples."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits_BxC = state.apply_fn({'params': params}, preprocess(batch['image']), train=True,
+                                rngs={'dropout': dropout_rng})
+    sums = metric_sums(logits_BxC, batch)
+    return sums['loss'] / jnp.maximum(sums['count'], 1.0), sums
+
+  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads), sums
+
+
+def eval_step(state: TrainState, batch: Batch) -> Sums:
+  logits_BxC = state.apply_fn({'params': state.params}, preprocess(batch['image']), train=False)
+  return metric_sums(logits_BxC, batch)
+
+
+def _zero_sums() -> Sums:
+  return dict(loss=jnp.zeros(()), correct=jnp.zeros(()), count=jnp.zeros(()))
+
+
+def _add(a: Sums, b: Sums) -> Sums:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch]):
+  """Runs train_step over the leading axis of `xs`; a step with no real example is a no-op."""
+
+  def body(carry, x):
+    state, totals = carry
+    new_state, sums = train_step(state, get_batch(x))
+    # Chunks are padded with empty steps to keep shapes static; those must not move the
+    # optimizer (RMSprop's second moment would still decay on a zero gradient).
+    state = jax.tree.map(functools.partial(jnp.where, sums['count'] > 0), new_state, state)
+    return (state, _add(totals, sums)), None
+
+  (state, totals), _ = jax.lax.scan(body, (state, _zero_sums()), xs)
+  return state, totals
+
+
+def _scan_eval(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch]) -> Sums:
+  def body(totals, x):
+    return _add(totals, eval_step(state, get_batch(x))), None
+
+  return jax.lax.scan(body, _zero_sums(), xs)[0]
+
+
+def _gather(data: Batch, chunk: Batch) -> Batch:
+  """A batch gathered on the device from resident data by the planned indices."""
+  index = chunk['index']
+  return dict(image=jnp.take(data['image'], index, axis=0),
+              label=jnp.take(data['label'], index, axis=0), mask=chunk['mask'])
+
+
+def _identity(batch: Batch) -> Batch:
+  return batch
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def train_chunk(state: TrainState, batches: Batch) -> tuple[TrainState, Sums]:
+  """Train steps over stacked batches [K, B, ...]; returns the state and summed metrics."""
+  return _scan_train(state, batches, _identity)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def train_chunk_resident(state: TrainState, data: Batch, chunk: Batch) -> tuple[TrainState, Sums]:
+  """Train steps over planned indices chunk['index'] [K, B] into resident `data`."""
+  return _scan_train(state, chunk, functools.partial(_gather, data))
+
+
+@jax.jit
+def eval_chunk(state: TrainState, batches: Batch) -> Sums:
+  return _scan_eval(state, batches, _identity)
+
+
+@jax.jit
+def eval_chunk_resident(state: TrainState, data: Batch, chunk: Batch) -> Sums:
+  return _scan_eval(state, chunk, functools.partial(_gather, data))
+
+
+# Single steps, for notebooks and tests; the loop uses the chunked versions above.
+train_step_jit = jax.jit(train_step, donate_argnums=0)
+eval_step_jit = jax.jit(eval_step)

@@ -1,0 +1,80 @@
+"""Config validation: every bad value is refused before any data is loaded or compiled."""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+
+from mnist_jax import errors
+from mnist_jax import input_modes
+from mnist_jax import models
+
+
+def _is_positive_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _is_positive_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _named_in(namespace, kind: type | None = None) -> Callable[[Any], bool]:
+  return lambda name: isinstance(name, str) and callable(getattr(namespace, name, None))
+
+
+def _names(namespace) -> str:
+  return ', '.join(n for n in dir(namespace) if not n.startswith('_'))[:300] + ', ...'
+
+
+# (field path, check, what is allowed). Paths into sub-dicts use dots; a missing optional
+# field (e.g. an optimizer without `decay`) is skipped.
+_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ('learning_rate', _is_positive_number, 'a finite number > 0'),
+    ('batch_size', _is_positive_int, 'an integer > 0'),
+    ('eval_batch_size', _is_positive_int, 'an integer > 0'),
+    ('num_epochs', _is_positive_int, 'an integer > 0'),
+    ('steps_per_call', lambda x: isinstance(x, int) and x >= 0, 'an integer >= 0 (0: an epoch)'),
+    ('optimizer_kwargs.decay', lambda x: isinstance(x, (int, float)) and 0 <= x < 1,
+     'a number in [0, 1)'),
+    ('optimizer_kwargs.eps', _is_positive_number, 'a finite number > 0'),
+    ('optimizer', _named_in(optax), 'an optax optimizer, e.g. sgd, adam, adamw, rmsprop'),
+    ('lr_schedule', _named_in(optax),
+     'an optax schedule, e.g. constant_schedule, cosine_decay_schedule'),
+    ('model.activation', _named_in(nn), 'a flax.linen activation, e.g. relu, gelu, tanh'),
+    ('model.kernel_init', _named_in(jax.nn.initializers),
+     'a jax.nn.initializers name, e.g. glorot_uniform, lecun_normal, he_normal'),
+    ('model.bias_init', _named_in(jax.nn.initializers), 'a jax.nn.initializers name, e.g. zeros'),
+    ('input_mode', lambda x: x == 'auto' or x in input_modes.INPUT_MODES,
+     f"one of auto, {', '.join(input_modes.INPUT_MODES)}"),
+]
+
+
+def _lookup(config: ml_collections.ConfigDict, path: str):
+  node = config
+  for key in path.split('.'):
+    if key not in node:
+      return _MISSING
+    node = node[key]
+  return node
+
+
+_MISSING = object()
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad field and what it allows."""
+  for path, ok, allowed in _RULES:
+    value = _lookup(config, path)
+    if value is not _MISSING and not ok(value):
+      raise errors.ConfigError(f'config.{path}={value!r} is invalid: expected {allowed}.')
+  if config.model.name not in models.available():
+    raise errors.ConfigError(f'config.model.name={config.model.name!r} is invalid: expected '
+                             f"one of {', '.join(models.available())}.")
+  if config.batch_size % jax.device_count():
+    raise errors.ConfigError(
+        f'config.batch_size={config.batch_size} is invalid: expected a multiple of the '
+        f'device count ({jax.device_count()}).')

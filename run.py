@@ -1,0 +1,49 @@
+r"""Trains and evaluates a model: `python run.py --config=configs/mlp.py [--workdir=DIR]`.
+
+Any config field can be overridden: `--config.learning_rate=3e-4 --config.num_epochs=10`.
+"""
+
+import datetime
+import os
+import pathlib
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data: no C++ chatter.
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mnist_jax import errors
+from mnist_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where the run writes its outputs; default: '
+                    'workdirs/<config name>-<date>-<time>.')
+flags.mark_flags_as_required(['config'])
+
+
+def default_workdir(config_path: str) -> str:
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  return str(pathlib.Path('workdirs') / f'{pathlib.Path(config_path).stem}-{stamp}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # The run prints its own progress; -v 0 for more.
+  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
+  print(f'workdir: {workdir}', flush=True)
+  try:
+    train.train_and_evaluate(FLAGS.config, workdir)
+  except errors.UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
+if __name__ == '__main__':
+  app.run(main)
