@@ -23,7 +23,12 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where the run writes its outputs; default: '
                     'workdirs/<config name>-<date>-<time>.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
+                  'train: train (resuming from the newest checkpoint in the workdir, if any) and '
+                  'evaluate; evaluate: evaluate the newest checkpoint in --workdir, no training.')
 flags.mark_flags_as_required(['config'])
+
+MODES = {'train': train.train_and_evaluate, 'evaluate': train.evaluate_checkpoint}
 
 
 def default_workdir(config_path: str) -> str:
@@ -39,7 +44,7 @@ def main(argv):
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
   print(f'workdir: {workdir}', flush=True)
   try:
-    train.train_and_evaluate(FLAGS.config, workdir)
+    MODES[FLAGS.mode](FLAGS.config, workdir)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(e.exit_code)

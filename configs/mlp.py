@@ -54,6 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Train steps run per jitted call (a lax.scan over them); 0 means a whole epoch per call.
   config.steps_per_call = 0
 
+  # --- Checkpoints ------------------------------------------------------------------------
+  # Save every this many steps (at the end of the first call at or after each multiple; the
+  # calls shrink to at most this many steps); 0: at the end of every epoch only.
+  config.checkpoint_every_steps = 0
+  config.checkpoint_keep = 3  # How many of the newest checkpoints to keep.
+  config.checkpoint_async = True  # Write checkpoints in the background while training goes on.
+
   # --- Logging ----------------------------------------------------------------------------
   config.write_tensorboard = True
 

@@ -21,6 +21,7 @@ import optax
 
 Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]  # Metric sums over real examples: loss, correct, count.
+SUM_KEYS = ('loss', 'correct', 'count')
 
 
 class TrainState(train_state.TrainState):
@@ -56,7 +57,8 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Sums]:
     sums = metric_sums(logits_BxC, batch)
     return sums['loss'] / jnp.maximum(sums['count'], 1.0), sums
 
-  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  sums = dict(sums, loss_mean=loss, grad_norm=optax.global_norm(grads))
   return state.apply_gradients(grads=grads), sums
 
 
@@ -65,16 +67,20 @@ def eval_step(state: TrainState, batch: Batch) -> Sums:
   return metric_sums(logits_BxC, batch)
 
 
-def _zero_sums() -> Sums:
-  return dict(loss=jnp.zeros(()), correct=jnp.zeros(()), count=jnp.zeros(()))
+def zero_sums() -> Sums:
+  return {k: jnp.zeros(()) for k in SUM_KEYS}
 
 
-def _add(a: Sums, b: Sums) -> Sums:
-  return jax.tree.map(jnp.add, a, b)
+def add_sums(a: Sums, b: Sums) -> Sums:
+  return {k: a[k] + b[k] for k in SUM_KEYS}
 
 
 def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch]):
-  """Runs train_step over the leading axis of `xs`; a step with no real example is a no-op."""
+  """Runs train_step over the leading axis of `xs`; a step with no real example is a no-op.
+
+  Returns the state, the summed metrics, and per-step 'loss' and 'grad_norm' [K] (the host
+  checks them for NaN/Inf and names the first bad step).
+  """
 
   def body(carry, x):
     state, totals = carry
@@ -82,17 +88,17 @@ def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch]):
     # Chunks are padded with empty steps to keep shapes static; those must not move the
     # optimizer (RMSprop's second moment would still decay on a zero gradient).
     state = jax.tree.map(functools.partial(jnp.where, sums['count'] > 0), new_state, state)
-    return (state, _add(totals, sums)), None
+    return (state, add_sums(totals, sums)), dict(loss=sums['loss_mean'], grad_norm=sums['grad_norm'])
 
-  (state, totals), _ = jax.lax.scan(body, (state, _zero_sums()), xs)
-  return state, totals
+  (state, totals), per_step = jax.lax.scan(body, (state, zero_sums()), xs)
+  return state, totals, per_step
 
 
 def _scan_eval(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch]) -> Sums:
   def body(totals, x):
-    return _add(totals, eval_step(state, get_batch(x))), None
+    return add_sums(totals, eval_step(state, get_batch(x))), None
 
-  return jax.lax.scan(body, _zero_sums(), xs)[0]
+  return jax.lax.scan(body, zero_sums(), xs)[0]
 
 
 def _gather(data: Batch, chunk: Batch) -> Batch:
@@ -107,13 +113,13 @@ def _identity(batch: Batch) -> Batch:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def train_chunk(state: TrainState, batches: Batch) -> tuple[TrainState, Sums]:
-  """Train steps over stacked batches [K, B, ...]; returns the state and summed metrics."""
+def train_chunk(state: TrainState, batches: Batch):
+  """Train steps over stacked batches [K, B, ...]; see `_scan_train` for what it returns."""
   return _scan_train(state, batches, _identity)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def train_chunk_resident(state: TrainState, data: Batch, chunk: Batch) -> tuple[TrainState, Sums]:
+def train_chunk_resident(state: TrainState, data: Batch, chunk: Batch):
   """Train steps over planned indices chunk['index'] [K, B] into resident `data`."""
   return _scan_train(state, chunk, functools.partial(_gather, data))
 

@@ -4,15 +4,24 @@ Usable from a notebook:
   from mnist_jax import train
   from configs import mlp
   summary = train.train_and_evaluate(mlp.get_config(), '/tmp/mnist')
+
+A run in a workdir that holds checkpoints resumes from the newest valid one: same parameters,
+optimizer state, step, RNG and position in the data as the run that wrote it.
 """
 
+import dataclasses
+import functools
+import json
 import os
 import pathlib
 import time
 
 import jax
 import ml_collections
+import numpy as np
 
+from mnist_jax import checkpoint
+from mnist_jax import errors
 from mnist_jax import input_modes
 from mnist_jax import input_pipeline
 from mnist_jax import metrics
@@ -20,6 +29,10 @@ from mnist_jax import models
 from mnist_jax import optim
 from mnist_jax import steps
 from mnist_jax import validation
+
+
+class NonFiniteError(errors.UserError):
+  pass
 
 
 def resolve_cache_dir(cache_dir: str) -> pathlib.Path | None:
@@ -36,18 +49,20 @@ def enable_compilation_cache(cache_dir: pathlib.Path) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
-def _epoch_line(record: dict, num_epochs: int) -> str:
-  return (f"epoch {record['epoch']}/{num_epochs}  "
-          f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  |  "
-          f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  |  "
-          f"{record['examples_per_sec']:,.0f} ex/s  {record['elapsed_s']:.1f}s")
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs before its first step."""
+  info: input_pipeline.DatasetInfo
+  mode_name: str
+  mode: input_modes._Mode  # pylint: disable=protected-access
+  state: steps.TrainState
+  num_params: int
+  cache_dir: pathlib.Path | None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` into `workdir`; returns the final summary (also in summary.json)."""
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Validates the config, loads the data and builds the initial (replicated) state."""
   validation.validate(config)
-  start = time.perf_counter()
-  workdir = pathlib.Path(workdir)
   cache_dir = resolve_cache_dir(config.cache_dir)
   if cache_dir:
     enable_compilation_cache(cache_dir)
@@ -59,45 +74,122 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mode = input_modes.create(
       mode_name, splits, train_split=config.train_split, eval_split=config.eval_split,
       seed=config.seed, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-      steps_per_call=config.steps_per_call)
-
+      steps_per_call=min(config.steps_per_call or 1 << 30,
+                         config.checkpoint_every_steps or 1 << 30))
   model = models.build(config.model, info.num_classes)
   tx = optim.create_optimizer(config, mode.steps_per_epoch * config.num_epochs)
-  state = steps.create_train_state(jax.random.PRNGKey(config.seed), model, tx, info.image_shape)
-  num_params = metrics.count_params(state.params)
+  init = functools.partial(steps.create_train_state, model=model, tx=tx,
+                           image_shape=info.image_shape)
+  state = jax.jit(init, out_shardings=mode.replicated)(jax.random.PRNGKey(config.seed))
+  return Setup(info, mode_name, mode, state, metrics.count_params(state.params), cache_dir)
 
-  workdir.mkdir(parents=True, exist_ok=True)
+
+def _epoch_line(record: dict, num_epochs: int) -> str:
+  return (f"epoch {record['epoch']}/{num_epochs}  "
+          f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  |  "
+          f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  |  "
+          f"{record['examples_per_sec']:,.0f} ex/s  {record['elapsed_s']:.1f}s")
+
+
+def _check_finite(per_step: dict, first_step: int) -> None:
+  """Stops the run at the first step whose loss or gradient norm is NaN or Inf."""
+  for name in ('loss', 'grad_norm'):
+    values = np.asarray(per_step[name])
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+      raise NonFiniteError(
+          f'{name} is {values[bad[0]]} at step {first_step + bad[0] + 1}; stopping without '
+          'saving this state (the last checkpoint is kept). Lower the learning rate or check '
+          'the data.')
+
+
+def _write_header(workdir: pathlib.Path, config, run: Setup) -> None:
   metrics.write_json(workdir / 'config.json', dict(config.to_dict(), resolved=dict(
-      input_mode=mode_name, data_dir=input_pipeline.resolve_data_dir(config.data_dir) or '',
-      cache_dir=str(cache_dir or ''))))
-  print(f'{info.name}: {len(mode.train):,} train / {len(mode.eval):,} test examples, '
-        f'{num_params:,} parameters, input_mode={mode_name}, '
+      input_mode=run.mode_name, data_dir=input_pipeline.resolve_data_dir(config.data_dir) or '',
+      cache_dir=str(run.cache_dir or ''))))
+  print(f'{run.info.name}: {len(run.mode.train):,} train / {len(run.mode.eval):,} test '
+        f'examples, {run.num_params:,} parameters, input_mode={run.mode_name}, '
         f'{jax.device_count()}x {jax.devices()[0].device_kind}', flush=True)
 
-  logger = metrics.MetricLogger(workdir, tensorboard=config.write_tensorboard)
-  train_seconds = 0.0
-  for epoch in range(1, config.num_epochs + 1):
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` into `workdir`; returns the final summary (also in summary.json)."""
+  start = time.perf_counter()
+  run = setup(config)
+  mode, state = run.mode, run.state
+  workdir = pathlib.Path(workdir)
+  is_writer = jax.process_index() == 0
+  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.checkpoint_keep,
+                                 asynchronous=config.checkpoint_async)
+  restored = ckpt.restore_latest(dict(state=state, epoch_sums=steps.zero_sums()))
+  epoch_sums = steps.zero_sums()
+  if restored:
+    (item, _), step = restored, restored[1]
+    state, epoch_sums = item['state'], item['epoch_sums']
+    print(f'resumed from the checkpoint at step {step} in {ckpt.directory}', flush=True)
+  if is_writer:
+    _write_header(workdir, config, run)
+  logger = metrics.MetricLogger(workdir, tensorboard=config.write_tensorboard, enabled=is_writer)
+
+  spe, every = mode.steps_per_epoch, config.checkpoint_every_steps
+  step = int(state.step)
+  train_seconds, record = 0.0, None
+  for epoch in range(step // spe, config.num_epochs):
     epoch_start = time.perf_counter()
-    state, train_sums = mode.train_epoch(state, epoch - 1)
-    record = dict(epoch=epoch, **metrics.summarize(train_sums, 'train_'))  # Waits for the epoch.
+    chunks = mode.epoch_chunks(epoch, start=step - epoch * spe)
+    examples = sum(int(chunk['mask'].sum()) for chunk in chunks)
+    for chunk, args in zip(chunks, mode.train_inputs(chunks)):
+      state, sums, per_step = mode.train_fn(state, *args)
+      epoch_sums = steps.add_sums(epoch_sums, sums)
+      previous, step = step, step + int(np.count_nonzero(chunk['mask'].any(axis=1)))
+      if every and step // every > previous // every and step % spe:
+        _check_finite(per_step, previous)
+        ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
+    _check_finite(per_step, previous)  # Also waits for the epoch to finish.
     epoch_seconds = time.perf_counter() - epoch_start
     train_seconds += epoch_seconds
-    record.update(metrics.summarize(mode.evaluate(state), 'test_'),
-                  examples_per_sec=len(mode.train) / epoch_seconds,
+    record = dict(epoch=epoch + 1, **metrics.summarize(epoch_sums, 'train_'),
+                  **metrics.summarize(mode.evaluate(state), 'test_'),
+                  examples_per_sec=examples / epoch_seconds,
                   elapsed_s=time.perf_counter() - start)
-    logger.write(int(state.step), record)
+    logger.write(step, record)
+    epoch_sums = steps.zero_sums()
+    ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
     print(_epoch_line(record, config.num_epochs), flush=True)
+  ckpt.wait()
+  ckpt.close()
   logger.close()
+  return _finish(workdir, config, run, state, record, train_seconds, start, is_writer)
 
+
+def _finish(workdir, config, run: Setup, state, record, train_seconds, start, is_writer):
+  if record is None:  # Resumed a finished run: report the restored state as it is.
+    record = dict(metrics.summarize(run.mode.evaluate(state), 'test_'))
   summary = dict(
       test_accuracy=record['test_accuracy'], test_loss=record['test_loss'],
-      train_accuracy=record['train_accuracy'], train_loss=record['train_loss'],
-      epochs=config.num_epochs, steps=int(state.step), num_params=num_params,
+      train_accuracy=record.get('train_accuracy'), train_loss=record.get('train_loss'),
+      epochs=config.num_epochs, steps=int(state.step), num_params=run.num_params,
       param_fingerprint=metrics.fingerprint(state.params), train_seconds=train_seconds,
-      total_seconds=time.perf_counter() - start, input_mode=mode_name, seed=config.seed,
+      total_seconds=time.perf_counter() - start, input_mode=run.mode_name, seed=config.seed,
       versions=metrics.versions())
-  metrics.write_json(workdir / 'summary.json', summary)
-  print(f"done: test accuracy {summary['test_accuracy']:.4f}, {summary['steps']} steps in "
+  if is_writer:
+    metrics.write_json(workdir / 'summary.json', summary)
+  print(f"done: test accuracy {summary['test_accuracy']:.4f}, {summary['steps']} steps, "
         f"{train_seconds:.1f}s of training ({summary['total_seconds']:.1f}s in all); "
         f'wrote {workdir}', flush=True)
   return summary
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Evaluates the newest valid checkpoint in `workdir` without training."""
+  run = setup(config)
+  ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints', keep=config.checkpoint_keep)
+  restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=steps.zero_sums()))
+  if restored is None:
+    raise errors.UserError(f'No checkpoint in {ckpt.directory} to evaluate.')
+  state = restored[0]['state']
+  result = dict(step=int(state.step), **metrics.summarize(run.mode.evaluate(state), 'test_'),
+                param_fingerprint=metrics.fingerprint(state.params))
+  ckpt.close()
+  print(json.dumps(result), flush=True)
+  return result

@@ -1,0 +1,156 @@
+"""A run's report: `report.png` (curves, confusion matrix, worst errors) and `report.md`.
+
+Matplotlib is imported here only, with the Agg canvas: no display is needed.
+"""
+
+import json
+import pathlib
+from typing import Any
+
+from matplotlib import gridspec
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+FIGSIZE = (16, 10)  # Inches.
+DPI = 100
+PIXEL_SIZE = (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)  # (width, height) of report.png.
+MAX_WORST = 16  # Most-confidently-wrong examples shown, on a 4 x 4 grid.
+_MAX_ANNOTATED_CLASSES = 20  # Confusion matrices larger than this get no counts in the cells.
+
+
+def _names(config: dict) -> tuple[str, str]:
+  """('mlp (512,)', 'rmsprop lr=0.001') from the config, tolerating missing fields."""
+  model = config.get('model', {})
+  model_name = ' '.join(str(part) for part in (model.get('name', 'model'),
+                                               tuple(model.get('hidden_sizes', ())) or '') if part)
+  optimizer = config.get('optimizer', 'optimizer')
+  if 'learning_rate' in config:
+    optimizer += f" lr={config['learning_rate']:g}"
+  return model_name, optimizer
+
+
+def _plot_curves(ax, history: list[dict], metric: str) -> None:
+  epochs = [record['epoch'] for record in history]
+  for split, style in (('train', 'o-'), ('test', 's-')):
+    ax.plot(epochs, [record[f'{split}_{metric}'] for record in history], style, label=split)
+  ax.set(title=f'{metric} per epoch', xlabel='epoch', ylabel=metric)
+  if len(epochs) <= 20:
+    ax.set_xticks(epochs)
+  else:
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend()
+
+
+def _plot_confusion(ax, confusion: np.ndarray) -> None:
+  """Colour on a log scale, so a handful of errors shows next to a thousand correct."""
+  confusion = np.asarray(confusion)
+  num_classes = len(confusion)
+  ax.imshow(np.log1p(confusion), cmap='Blues')
+  ax.set(title=f'confusion matrix ({int(confusion.sum()):,} test examples)',
+         xlabel='predicted', ylabel='true', xticks=range(num_classes), yticks=range(num_classes))
+  if num_classes > _MAX_ANNOTATED_CLASSES:
+    return
+  threshold = np.log1p(confusion.max()) / 2
+  for (true, predicted), count in np.ndenumerate(confusion):
+    ax.text(predicted, true, str(count), ha='center', va='center', fontsize=8,
+            color='white' if np.log1p(count) > threshold else ('black' if count else '0.75'))
+
+
+def _plot_worst(fig, cell, worst: dict, num_errors: int) -> None:
+  shown = min(len(worst['label']), MAX_WORST)
+  grid = cell.subgridspec(5, 4, height_ratios=(0.3, 1, 1, 1, 1), hspace=0.45, wspace=0.1)
+  header = fig.add_subplot(grid[0, :])
+  header.set_axis_off()
+  header.text(0.5, 0.5, f'most confidently wrong ({shown} of {num_errors:,} errors)',
+              ha='center', va='center', fontsize=12)
+  if not shown:
+    ax = fig.add_subplot(grid[1:, :])
+    ax.text(0.5, 0.5, 'no errors' if not num_errors else 'no examples recorded',
+            ha='center', va='center', fontsize=20)
+    ax.set_axis_off()
+    return
+  for i in range(shown):
+    ax = fig.add_subplot(grid[1 + i // 4, i % 4])
+    image = np.asarray(worst['image'][i])
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=255)
+    ax.set_title(f"true {int(worst['label'][i])} / pred {int(worst['predicted'][i])} "
+                 f"({100 * float(worst['confidence'][i]):.0f}%)", fontsize=9)
+    ax.set_axis_off()
+
+
+def _title(final: dict, config: dict) -> str:
+  model, optimizer = _names(config)
+  epochs = f"{final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}"
+  return (f"{config.get('dataset', '')} {model}, {optimizer}: test accuracy "
+          f"{final['test_accuracy']:.4f} after {epochs}").strip()
+
+
+def _figure(history, confusion, worst, config) -> Figure:
+  fig = Figure(figsize=FIGSIZE, dpi=DPI)
+  FigureCanvasAgg(fig)
+  grid = gridspec.GridSpec(2, 2, figure=fig, left=0.05, right=0.97, top=0.9, bottom=0.06,
+                           hspace=0.3, wspace=0.15)
+  _plot_curves(fig.add_subplot(grid[0, 0]), history, 'loss')
+  _plot_curves(fig.add_subplot(grid[0, 1]), history, 'accuracy')
+  _plot_confusion(fig.add_subplot(grid[1, 0]), confusion)
+  _plot_worst(fig, grid[1, 1], worst, int(np.sum(confusion) - np.trace(confusion)))
+  fig.suptitle(_title(history[-1], config), fontsize=16)
+  return fig
+
+
+def _final_rows(summary: dict) -> list[tuple[str, str]]:
+  formats = [('test_accuracy', 'test accuracy', '{:.4f}'), ('test_loss', 'test loss', '{:.4f}'),
+             ('train_accuracy', 'train accuracy', '{:.4f}'),
+             ('train_loss', 'train loss', '{:.4f}'), ('epochs', 'epochs', '{}'),
+             ('steps', 'steps', '{:,}'), ('num_params', 'parameters', '{:,}'),
+             ('param_fingerprint', 'parameter fingerprint', '`{}`'),
+             ('train_seconds', 'training time', '{:.1f} s'),
+             ('total_seconds', 'total time', '{:.1f} s'), ('input_mode', 'input mode', '{}'),
+             ('seed', 'seed', '{}')]
+  rows = [(label, fmt.format(summary[key])) for key, label, fmt in formats if key in summary]
+  versions = summary.get('versions', {})
+  if versions:
+    rows.append(('software', ', '.join(f'{k} {versions[k]}' for k in
+                                       ('jax', 'jaxlib', 'flax', 'optax') if k in versions)))
+    rows.append(('device', f"{versions.get('device_count', '?')}x {versions.get('device', '?')}"
+                           f" ({versions.get('backend', '?')})"))
+  return rows
+
+
+def _markdown(history, summary, config, png_name: str) -> str:
+  model, optimizer = _names(config)
+  lines = [f"# {config.get('dataset', 'Run')} report: {model}, {optimizer}", '',
+           f'![curves, confusion matrix and worst errors]({png_name})', '',
+           '## Final', '', '| | |', '| --- | --- |']
+  lines += [f'| {label} | {value} |' for label, value in _final_rows(summary)]
+  lines += ['', '## Per epoch', '',
+            '| epoch | train loss | train accuracy | test loss | test accuracy |',
+            '| ---: | ---: | ---: | ---: | ---: |']
+  lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_accuracy']:.4f} | "
+            f"{r['test_loss']:.4f} | {r['test_accuracy']:.4f} |" for r in history]
+  lines += ['', '## Config', '', '```json',
+            json.dumps(config, indent=2, sort_keys=True, default=str), '```', '']
+  return '\n'.join(lines)
+
+
+def write_report(workdir: pathlib.Path, history: list[dict], confusion_CxC: np.ndarray,
+                 worst: dict, summary: dict, config: dict[str, Any]
+                 ) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes report.png and report.md into `workdir`; returns their paths.
+
+  Args:
+    workdir: an existing directory.
+    history: one record per epoch: epoch, train_loss, train_accuracy, test_loss, test_accuracy.
+    confusion_CxC: counts, rows the true class, columns the predicted one.
+    worst: image uint8 [M, H, W, C], label [M], predicted [M], confidence [M] (M may be 0).
+    summary: the run's summary (summary.json); missing entries are left out.
+    config: the resolved config as a dict (`config.to_dict()`).
+  """
+  workdir = pathlib.Path(workdir)
+  png_path, md_path = workdir / 'report.png', workdir / 'report.md'
+  _figure(history, confusion_CxC, worst, config).savefig(png_path, dpi=DPI)
+  md_path.write_text(_markdown(history, summary, config, png_path.name))
+  return png_path, md_path

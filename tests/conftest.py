@@ -1,0 +1,81 @@
+"""Shared setup for the test suite: quiet TensorFlow, strict JAX, configs, data and subprocesses.
+
+Every test passes `config.cache_dir = 'none'` (or a tmp dir), so nothing is written to the
+user's ~/.cache and mock data is never cached; `MNIST_JAX_CACHE` points at a tmp dir as well,
+as a safety net for anything that forgets.
+"""
+
+import os
+
+os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'  # Before anything imports TensorFlow.
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import pytest
+
+# Strict numerics: an implicit rank promotion (a silent broadcast of [B] against [B, 1]) is an
+# error, so a shape bug fails loudly instead of computing something plausible.
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MLP_CONFIG_PATH = REPO_ROOT / 'configs' / 'mlp.py'
+# The real MNIST (TFDS format) sits next to the checkout: <repo>/../shared/data/tensorflow_datasets.
+REAL_DATA_DIR = (REPO_ROOT / '..' / 'shared' / 'data' / 'tensorflow_datasets').resolve()
+
+
+def load_config_module(path: pathlib.Path = MLP_CONFIG_PATH):
+  """Imports a config file by path (configs/ is not a package, as with --config=configs/x.py)."""
+  spec = importlib.util.spec_from_file_location(f'_test_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def real_data_available() -> bool:
+  return any((REAL_DATA_DIR / 'mnist').glob('*/mnist-train.tfrecord*'))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _cache_env_in_tmp(tmp_path_factory):
+  """No test may touch ~/.cache/mnist_jax, even one that forgets config.cache_dir."""
+  old = os.environ.get('MNIST_JAX_CACHE')
+  os.environ['MNIST_JAX_CACHE'] = str(tmp_path_factory.mktemp('mnist_jax_cache'))
+  yield
+  if old is None:
+    os.environ.pop('MNIST_JAX_CACHE', None)
+  else:
+    os.environ['MNIST_JAX_CACHE'] = old
+
+
+@pytest.fixture
+def mlp_config():
+  """A fresh configs/mlp.py config with caching off and downloads refused (tests are offline)."""
+  config = load_config_module().get_config()
+  config.cache_dir = 'none'
+  config.download = False
+  return config
+
+
+@pytest.fixture
+def real_data_dir() -> pathlib.Path:
+  if not real_data_available():
+    pytest.skip(f'real MNIST (TFDS format) not found in {REAL_DATA_DIR}; this test needs it')
+  return REAL_DATA_DIR
+
+
+@pytest.fixture
+def subprocess_env(tmp_path):
+  """Environment for `python run.py ...` subprocesses: quiet TF, caches in tmp, no GPU grab."""
+  env = dict(os.environ)
+  env.update(TF_CPP_MIN_LOG_LEVEL='2', MNIST_JAX_CACHE=str(tmp_path / 'cache'),
+             JAX_PLATFORMS=env.get('JAX_PLATFORMS', 'cpu'))
+  env.pop('TFDS_DATA_DIR', None)  # The tests name the data dir explicitly.
+  return env
+
+
+@pytest.fixture
+def python() -> str:
+  return sys.executable
