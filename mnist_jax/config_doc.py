@@ -39,22 +39,17 @@ def load_config(config_path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def _comments(source: str) -> tuple[dict[int, str], dict[int, str]]:
-  """Comments by line number: (after code on the line, alone on the line)."""
-  inline, alone = {}, {}
-  lines = source.splitlines()
-  for token in tokenize.generate_tokens(io.StringIO(source).readline):
-    if token.type == tokenize.COMMENT:
-      row, col = token.start
-      text = token.string.lstrip('#').strip()
-      (alone if not lines[row - 1][:col].strip() else inline)[row] = text
-  return inline, alone
-
-
 class _Comments:
+  """The file's comments by line number: after code on the line (inline), or alone on it."""
 
   def __init__(self, source: str):
-    self.inline, self.alone = _comments(source)
+    self.inline, self.alone = {}, {}
+    lines = source.splitlines()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+      if token.type == tokenize.COMMENT:
+        row, col = token.start
+        where = self.alone if not lines[row - 1][:col].strip() else self.inline
+        where[row] = token.string.lstrip('#').strip()
 
   def above(self, line: int) -> str:
     """The block of comment lines directly above `line`, up to a blank line or a section rule."""

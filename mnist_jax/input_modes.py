@@ -31,9 +31,9 @@ class _Mode:
 
   def __init__(self, splits: dict[str, input_pipeline.Split], *, train_split: str,
                eval_split: str, seed: int, batch_size: int, eval_batch_size: int,
-               steps_per_call: int):
+               steps_per_call: int, scan_unroll: int = 1):
     self.train, self.eval = splits[train_split], splits[eval_split]
-    self.seed, self.batch_size = seed, batch_size
+    self.seed, self.batch_size, self.unroll = seed, batch_size, scan_unroll
     self.steps_per_epoch = math.ceil(len(self.train) / batch_size)
     self.steps_per_call = min(steps_per_call or self.steps_per_epoch, self.steps_per_epoch)
     eval_plan = input_pipeline.batch_plan(np.arange(len(self.eval), dtype=np.int32),
@@ -72,8 +72,11 @@ class _Mode:
   def eval_inputs(self):
     raise NotImplementedError
 
+  def train_call(self, state: steps.TrainState, *args):
+    return self.train_fn(state, *args, unroll=self.unroll)
+
   def evaluate(self, state: steps.TrainState):
-    return self.eval_fn(state, *self.eval_inputs())
+    return self.eval_fn(state, *self.eval_inputs(), unroll=self.unroll)
 
 
 class DeviceMode(_Mode):

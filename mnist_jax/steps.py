@@ -75,7 +75,7 @@ def add_sums(a: Sums, b: Sums) -> Sums:
   return {k: a[k] + b[k] for k in SUM_KEYS}
 
 
-def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch]):
+def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], unroll: int):
   """Runs train_step over the leading axis of `xs`; a step with no real example is a no-op.
 
   Returns the state, the summed metrics, and per-step 'loss' and 'grad_norm' [K] (the host
@@ -90,15 +90,16 @@ def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch]):
     state = jax.tree.map(functools.partial(jnp.where, sums['count'] > 0), new_state, state)
     return (state, add_sums(totals, sums)), dict(loss=sums['loss_mean'], grad_norm=sums['grad_norm'])
 
-  (state, totals), per_step = jax.lax.scan(body, (state, zero_sums()), xs)
+  (state, totals), per_step = jax.lax.scan(body, (state, zero_sums()), xs, unroll=unroll)
   return state, totals, per_step
 
 
-def _scan_eval(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch]) -> Sums:
+def _scan_eval(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch],
+               unroll: int) -> Sums:
   def body(totals, x):
     return add_sums(totals, eval_step(state, get_batch(x))), None
 
-  return jax.lax.scan(body, zero_sums(), xs)[0]
+  return jax.lax.scan(body, zero_sums(), xs, unroll=unroll)[0]
 
 
 def _gather(data: Batch, chunk: Batch) -> Batch:
@@ -112,26 +113,28 @@ def _identity(batch: Batch) -> Batch:
   return batch
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def train_chunk(state: TrainState, batches: Batch):
+# `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
+# unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
+@functools.partial(jax.jit, donate_argnums=0, static_argnames='unroll')
+def train_chunk(state: TrainState, batches: Batch, unroll: int = 1):
   """Train steps over stacked batches [K, B, ...]; see `_scan_train` for what it returns."""
-  return _scan_train(state, batches, _identity)
+  return _scan_train(state, batches, _identity, unroll)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def train_chunk_resident(state: TrainState, data: Batch, chunk: Batch):
+@functools.partial(jax.jit, donate_argnums=0, static_argnames='unroll')
+def train_chunk_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1):
   """Train steps over planned indices chunk['index'] [K, B] into resident `data`."""
-  return _scan_train(state, chunk, functools.partial(_gather, data))
+  return _scan_train(state, chunk, functools.partial(_gather, data), unroll)
 
 
-@jax.jit
-def eval_chunk(state: TrainState, batches: Batch) -> Sums:
-  return _scan_eval(state, batches, _identity)
+@functools.partial(jax.jit, static_argnames='unroll')
+def eval_chunk(state: TrainState, batches: Batch, unroll: int = 1) -> Sums:
+  return _scan_eval(state, batches, _identity, unroll)
 
 
-@jax.jit
-def eval_chunk_resident(state: TrainState, data: Batch, chunk: Batch) -> Sums:
-  return _scan_eval(state, chunk, functools.partial(_gather, data))
+@functools.partial(jax.jit, static_argnames='unroll')
+def eval_chunk_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1) -> Sums:
+  return _scan_eval(state, chunk, functools.partial(_gather, data), unroll)
 
 
 # Single steps, for notebooks and tests; the loop uses the chunked versions above.

@@ -75,7 +75,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       mode_name, splits, train_split=config.train_split, eval_split=config.eval_split,
       seed=config.seed, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
       steps_per_call=min(config.steps_per_call or 1 << 30,
-                         config.checkpoint_every_steps or 1 << 30))
+                         config.checkpoint_every_steps or 1 << 30),
+      scan_unroll=config.scan_unroll)
   model = models.build(config.model, info.num_classes)
   tx = optim.create_optimizer(config, mode.steps_per_epoch * config.num_epochs)
   init = functools.partial(steps.create_train_state, model=model, tx=tx,
@@ -139,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     chunks = mode.epoch_chunks(epoch, start=step - epoch * spe)
     examples = sum(int(chunk['mask'].sum()) for chunk in chunks)
     for chunk, args in zip(chunks, mode.train_inputs(chunks)):
-      state, sums, per_step = mode.train_fn(state, *args)
+      state, sums, per_step = mode.train_call(state, *args)
       epoch_sums = steps.add_sums(epoch_sums, sums)
       previous, step = step, step + int(np.count_nonzero(chunk['mask'].any(axis=1)))
       if every and step // every > previous // every and step % spe:

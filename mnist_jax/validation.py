@@ -38,6 +38,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('eval_batch_size', _is_positive_int, 'an integer > 0'),
     ('num_epochs', _is_positive_int, 'an integer > 0'),
     ('steps_per_call', lambda x: isinstance(x, int) and x >= 0, 'an integer >= 0 (0: an epoch)'),
+    ('scan_unroll', _is_positive_int, 'an integer > 0'),
     ('optimizer_kwargs.decay', lambda x: isinstance(x, (int, float)) and 0 <= x < 1,
      'a number in [0, 1)'),
     ('optimizer_kwargs.eps', _is_positive_number, 'a finite number > 0'),

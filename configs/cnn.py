@@ -1,0 +1,42 @@
+r"""A small CNN on MNIST: two conv/max-pool blocks and a 128-unit dense layer, Adam, 5 epochs.
+
+Only a model module (mnist_jax/models/cnn.py) and this config were added for it: the loop, the
+input pipeline and run.py are the MLP's.
+
+Run:
+  python run.py --config=configs/cnn.py
+
+Expected: test accuracy >= 0.990 after 5 epochs (seeds 0-4, see the README for the measured
+values).
+"""
+
+import ml_collections
+
+from configs import mlp
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = mlp.get_config()
+
+  # --- Model ------------------------------------------------------------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'cnn'
+  config.model.features = (32, 64)  # Conv channels per block; each block halves H and W.
+  config.model.kernel_size = 3
+  config.model.hidden_sizes = (128,)
+  config.model.dropout_rate = 0.0
+  config.model.activation = 'relu'
+  config.model.kernel_init = 'glorot_uniform'
+  config.model.bias_init = 'zeros'
+
+  # --- Optimizer --------------------------------------------------------------------------
+  config.optimizer = 'adam'
+  config.learning_rate = 1e-3
+  config.optimizer_kwargs = ml_collections.ConfigDict()
+
+  # --- Training ---------------------------------------------------------------------------
+  # XLA:CPU runs convolutions inside a loop ~10x slower than unrolled: unroll short calls.
+  config.steps_per_call = 10
+  config.scan_unroll = 10
+
+  return config

@@ -1,0 +1,34 @@
+"""A small convolutional network: [Conv -> activation -> max-pool] per feature size, then MLP."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from mnist_jax import models
+
+
+class Model(nn.Module):
+  num_classes: int
+  features: Sequence[int] = (32, 64)
+  kernel_size: int = 3
+  hidden_sizes: Sequence[int] = (128,)
+  dropout_rate: float = 0.0
+  activation: str = 'relu'
+  kernel_init: str = 'glorot_uniform'
+  bias_init: str = 'zeros'
+
+  @nn.compact
+  def __call__(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
+    inits = dict(kernel_init=models.initializer(self.kernel_init),
+                 bias_init=models.initializer(self.bias_init))
+    act = models.activation(self.activation)
+    x = images_BxHxWxC
+    for features in self.features:
+      x = act(nn.Conv(features, (self.kernel_size, self.kernel_size), **inits)(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    for size in self.hidden_sizes:
+      x = act(nn.Dense(size, **inits)(x))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, **inits)(x)
