@@ -66,5 +66,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Logging ----------------------------------------------------------------------------
   config.write_tensorboard = True  # Also write TensorBoard event files (clu).
+  config.write_report = True  # Write report.png and report.md at the end.
 
   return config

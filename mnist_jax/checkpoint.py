@@ -28,7 +28,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True))
+            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
+            cleanup_tmp_directories=True))
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())

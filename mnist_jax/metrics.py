@@ -53,6 +53,15 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def read_history(workdir: pathlib.Path) -> list[dict]:
+  """The per-epoch records of metrics.jsonl; a resumed run's repeated epoch counts once."""
+  by_epoch = {}
+  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
+    record = json.loads(line)
+    by_epoch[record['epoch']] = record
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
 class MetricLogger:
   """Scalars to TensorBoard event files (clu) and to `metrics.jsonl`, one record per write."""
 

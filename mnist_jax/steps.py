@@ -17,6 +17,7 @@ import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Batch = dict[str, jax.Array]
@@ -43,8 +44,9 @@ def metric_sums(logits_BxC: jax.Array, batch: Batch) -> Sums:
   mask_B = batch['mask']
   loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch['label'])
   correct_B = (jnp.argmax(logits_BxC, axis=-1) == batch['label']).astype(jnp.float32)
-  return dict(loss=jnp.sum(loss_B * mask_B), correct=jnp.sum(correct_B * mask_B),
-              count=jnp.sum(mask_B))
+  real_B = mask_B > 0  # `where`, not a product: padding can never leak a NaN into the sums.
+  return dict(loss=jnp.sum(jnp.where(real_B, loss_B, 0.0)),
+              correct=jnp.sum(jnp.where(real_B, correct_B, 0.0)), count=jnp.sum(mask_B))
 
 
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Sums]:
@@ -58,7 +60,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Sums]:
     return sums['loss'] / jnp.maximum(sums['count'], 1.0), sums
 
   (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  sums = dict(sums, loss_mean=loss, grad_norm=optax.global_norm(grads))
+  sums = dict(sums, loss_mean=loss, grad_norm=optax.tree.norm(grads))
   return state.apply_gradients(grads=grads), sums
 
 
@@ -135,6 +137,21 @@ def eval_chunk(state: TrainState, batches: Batch, unroll: int = 1) -> Sums:
 @functools.partial(jax.jit, static_argnames='unroll')
 def eval_chunk_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1) -> Sums:
   return _scan_eval(state, chunk, functools.partial(_gather, data), unroll)
+
+
+@jax.jit
+def _probabilities(state: TrainState, image_BxHxWxC: jax.Array) -> jax.Array:
+  logits = state.apply_fn({'params': state.params}, preprocess(image_BxHxWxC), train=False)
+  return jax.nn.softmax(logits)
+
+
+def predict(state: TrainState, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """Class probabilities [N, C] for host images, in fixed-size (padded) batches."""
+  pad = -len(images) % batch_size
+  padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+  probs = [_probabilities(state, padded[i:i + batch_size])
+           for i in range(0, len(padded), batch_size)]
+  return np.concatenate(jax.device_get(probs))[:len(images)]
 
 
 # Single steps, for notebooks and tests; the loop uses the chunked versions above.

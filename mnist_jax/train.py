@@ -14,6 +14,9 @@ import functools
 import json
 import os
 import pathlib
+import signal
+import sys
+import threading
 import time
 
 import jax
@@ -27,6 +30,7 @@ from mnist_jax import input_pipeline
 from mnist_jax import metrics
 from mnist_jax import models
 from mnist_jax import optim
+from mnist_jax import progress as progress_lib
 from mnist_jax import steps
 from mnist_jax import validation
 
@@ -47,6 +51,14 @@ def enable_compilation_cache(cache_dir: pathlib.Path) -> None:
   jax.config.update('jax_compilation_cache_dir', str(cache_dir / 'jax'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+# On a terminal the progress bar moves after every call, so calls are shorter there.
+INTERACTIVE_STEPS_PER_CALL = 50
+
+
+def _default_steps_per_call() -> int:
+  return INTERACTIVE_STEPS_PER_CALL if sys.stdout.isatty() else 1 << 30  # (An epoch.)
 
 
 @dataclasses.dataclass
@@ -74,7 +86,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   mode = input_modes.create(
       mode_name, splits, train_split=config.train_split, eval_split=config.eval_split,
       seed=config.seed, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-      steps_per_call=min(config.steps_per_call or 1 << 30,
+      steps_per_call=min(config.steps_per_call or _default_steps_per_call(),
                          config.checkpoint_every_steps or 1 << 30),
       scan_unroll=config.scan_unroll)
   model = models.build(config.model, info.num_classes)
@@ -113,39 +125,85 @@ def _write_header(workdir: pathlib.Path, config, run: Setup) -> None:
         f'{jax.device_count()}x {jax.devices()[0].device_kind}', flush=True)
 
 
+class Preempted(errors.UserError):
+  """SIGTERM arrived: the state was saved; rerunning in the same workdir continues from it."""
+  exit_code = 143  # 128 + SIGTERM, as a shell reports a TERM'd process.
+
+
+class _Preemption:
+  """Turns SIGTERM (a preemption notice) into a flag the loop checks after every call."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` into `workdir`; returns the final summary (also in summary.json)."""
   start = time.perf_counter()
   run = setup(config)
-  mode, state = run.mode, run.state
   workdir = pathlib.Path(workdir)
   is_writer = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.checkpoint_keep,
                                  asynchronous=config.checkpoint_async)
-  restored = ckpt.restore_latest(dict(state=state, epoch_sums=steps.zero_sums()))
-  epoch_sums = steps.zero_sums()
-  if restored:
-    (item, _), step = restored, restored[1]
-    state, epoch_sums = item['state'], item['epoch_sums']
-    print(f'resumed from the checkpoint at step {step} in {ckpt.directory}', flush=True)
-  if is_writer:
-    _write_header(workdir, config, run)
-  logger = metrics.MetricLogger(workdir, tensorboard=config.write_tensorboard, enabled=is_writer)
+  logger = None
+  try:
+    restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=steps.zero_sums()))
+    if is_writer:
+      _write_header(workdir, config, run)
+    logger = metrics.MetricLogger(workdir, tensorboard=config.write_tensorboard,
+                                  enabled=is_writer)
+    with _Preemption() as preemption:
+      state, record, train_seconds = _train_loop(config, run, ckpt, logger, restored,
+                                                 preemption, start)
+  finally:  # Also on errors: finish the pending save, so the last checkpoint stays whole.
+    ckpt.wait()
+    ckpt.close()
+    if logger:
+      logger.close()
+  return _finish(workdir, config, run, state, record, train_seconds, start, is_writer)
 
+
+def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
+  mode, state, epoch_sums = run.mode, run.state, steps.zero_sums()
+  if restored:
+    state, epoch_sums = restored[0]['state'], restored[0]['epoch_sums']
+    print(f'resumed from the checkpoint at step {restored[1]} in {ckpt.directory}', flush=True)
   spe, every = mode.steps_per_epoch, config.checkpoint_every_steps
-  step = int(state.step)
+  step = previous = int(state.step)
+  progress = progress_lib.Progress(config.num_epochs, spe)
   train_seconds, record = 0.0, None
   for epoch in range(step // spe, config.num_epochs):
     epoch_start = time.perf_counter()
+    progress.start_epoch(epoch + 1)
     chunks = mode.epoch_chunks(epoch, start=step - epoch * spe)
     examples = sum(int(chunk['mask'].sum()) for chunk in chunks)
     for chunk, args in zip(chunks, mode.train_inputs(chunks)):
       state, sums, per_step = mode.train_call(state, *args)
       epoch_sums = steps.add_sums(epoch_sums, sums)
       previous, step = step, step + int(np.count_nonzero(chunk['mask'].any(axis=1)))
-      if every and step // every > previous // every and step % spe:
+      if progress.due():
+        progress.update(step - epoch * spe, *_running(epoch_sums))
+      if preemption.requested or (every and step // every > previous // every and step % spe):
         _check_finite(per_step, previous)
         ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
+      if preemption.requested:
+        progress.close()
+        raise Preempted(f'SIGTERM: saved the checkpoint at step {step} in {ckpt.directory}; '
+                        'run again with the same --workdir to continue from it.')
     _check_finite(per_step, previous)  # Also waits for the epoch to finish.
     epoch_seconds = time.perf_counter() - epoch_start
     train_seconds += epoch_seconds
@@ -156,29 +214,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logger.write(step, record)
     epoch_sums = steps.zero_sums()
     ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
-    print(_epoch_line(record, config.num_epochs), flush=True)
-  ckpt.wait()
-  ckpt.close()
-  logger.close()
-  return _finish(workdir, config, run, state, record, train_seconds, start, is_writer)
+    progress.end_epoch(_epoch_line(record, config.num_epochs))
+  return state, record, train_seconds
+
+
+def _running(sums):
+  """Running loss and accuracy as device scalars (fetched only if the progress line draws)."""
+  count = jax.numpy.maximum(sums['count'], 1.0)
+  return sums['loss'] / count, sums['correct'] / count
 
 
 def _finish(workdir, config, run: Setup, state, record, train_seconds, start, is_writer):
-  if record is None:  # Resumed a finished run: report the restored state as it is.
-    record = dict(metrics.summarize(run.mode.evaluate(state), 'test_'))
+  test = record or metrics.summarize(run.mode.evaluate(state), 'test_')  # None: was finished.
   summary = dict(
-      test_accuracy=record['test_accuracy'], test_loss=record['test_loss'],
-      train_accuracy=record.get('train_accuracy'), train_loss=record.get('train_loss'),
+      test_accuracy=test['test_accuracy'], test_loss=test['test_loss'],
+      train_accuracy=test.get('train_accuracy'), train_loss=test.get('train_loss'),
       epochs=config.num_epochs, steps=int(state.step), num_params=run.num_params,
       param_fingerprint=metrics.fingerprint(state.params), train_seconds=train_seconds,
       total_seconds=time.perf_counter() - start, input_mode=run.mode_name, seed=config.seed,
       versions=metrics.versions())
   if is_writer:
     metrics.write_json(workdir / 'summary.json', summary)
+    if config.write_report:
+      _write_report(workdir, config, run, state, summary)
+    summary['total_seconds'] = time.perf_counter() - start
+    metrics.write_json(workdir / 'summary.json', summary)
   print(f"done: test accuracy {summary['test_accuracy']:.4f}, {summary['steps']} steps, "
         f"{train_seconds:.1f}s of training ({summary['total_seconds']:.1f}s in all); "
         f'wrote {workdir}', flush=True)
   return summary
+
+
+def _write_report(workdir: pathlib.Path, config, run: Setup, state, summary: dict) -> None:
+  """report.png and report.md: curves, the confusion matrix, the most confident mistakes."""
+  from mnist_jax import report  # pylint: disable=g-import-not-at-top  (matplotlib: only here)
+  split = run.mode.eval
+  probs = steps.predict(state, split.image, config.eval_batch_size)
+  predicted, confidence = probs.argmax(-1), probs.max(-1)
+  confusion = np.zeros((run.info.num_classes,) * 2, np.int64)
+  np.add.at(confusion, (split.label, predicted), 1)
+  wrong = np.flatnonzero(predicted != split.label)
+  worst = wrong[np.argsort(-confidence[wrong])][:report.MAX_WORST]
+  report.write_report(
+      workdir, metrics.read_history(workdir), confusion,
+      dict(image=split.image[worst], label=split.label[worst], predicted=predicted[worst],
+           confidence=confidence[worst]), summary, config.to_dict())
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:

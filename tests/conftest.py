@@ -19,6 +19,9 @@ import pytest
 # Strict numerics: an implicit rank promotion (a silent broadcast of [B] against [B, 1]) is an
 # error, so a shape bug fails loudly instead of computing something plausible.
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+# Full float32 matmuls on every backend (a no-op on CPU; on GPUs/TPUs the default may use
+# TF32/bf16 passes), so golden values and float tolerances hold wherever the suite runs.
+jax.config.update('jax_default_matmul_precision', 'highest')
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MLP_CONFIG_PATH = REPO_ROOT / 'configs' / 'mlp.py'

@@ -9,7 +9,6 @@ so the gradients below include tiny and zero entries, where they differ by 10x.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

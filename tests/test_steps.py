@@ -1,7 +1,6 @@
 """The train step: golden values, jit == eager, padding counts nothing, empty steps are no-ops."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -38,17 +37,25 @@ def golden_batch():
               mask=np.ones(4, np.float32))
 
 
-@pytest.fixture
-def tiny_config(mlp_config):
-  mlp_config.model.hidden_sizes = (4,)
-  return mlp_config
+@pytest.fixture(scope='module')
+def tiny():
+  """configs/mlp.py shrunk to hidden_sizes=(4,): its config, model and optimizer.
+
+  Built once per module: the optimizer is part of the jitted state's static structure, so
+  reusing the same object lets every test reuse the same compiled steps.
+  """
+  from conftest import load_config_module
+  config = load_config_module().get_config()
+  config.model.hidden_sizes = (4,)
+  config.cache_dir = 'none'
+  return dict(config=config, model=models.build(config.model, NUM_CLASSES),
+              tx=optim.create_optimizer(config, total_steps=10), sgd=optax.sgd(1.0))
 
 
-def make_state(config, tx=None, seed=0) -> steps.TrainState:
+def make_state(tiny, tx=None, seed=0) -> steps.TrainState:
   """A fresh state each call: the jitted steps donate (delete) the state passed to them."""
-  model = models.build(config.model, NUM_CLASSES)
-  tx = tx if tx is not None else optim.create_optimizer(config, total_steps=10)
-  return steps.create_train_state(jax.random.PRNGKey(seed), model, tx, IMAGE_SHAPE)
+  return steps.create_train_state(jax.random.PRNGKey(seed), tiny['model'],
+                                  tiny['tx'] if tx is None else tx, IMAGE_SHAPE)
 
 
 def checksums(params) -> tuple[float, float]:
@@ -83,15 +90,15 @@ def pick(sums):
 
 # --- Golden ---------------------------------------------------------------------------------
 
-def test_init_matches_golden(tiny_config):
-  state = make_state(tiny_config)
+def test_init_matches_golden(tiny):
+  state = make_state(tiny)
   np.testing.assert_allclose(checksums(state.params),
                              (GOLDEN_INIT_PARAM_SUM, GOLDEN_INIT_PARAM_SUMSQ), rtol=GOLDEN_RTOL)
   assert int(state.step) == 0
 
 
-def test_train_step_matches_golden(tiny_config):
-  new_state, sums = steps.train_step_jit(make_state(tiny_config), golden_batch())
+def test_train_step_matches_golden(tiny):
+  new_state, sums = steps.train_step_jit(make_state(tiny), golden_batch())
   got = pick(sums)
   np.testing.assert_allclose(got['loss'], GOLDEN_LOSS_SUM, rtol=GOLDEN_RTOL)
   assert got['correct'] == GOLDEN_CORRECT
@@ -101,29 +108,27 @@ def test_train_step_matches_golden(tiny_config):
   assert int(new_state.step) == 1
 
 
-def test_jit_and_eager_agree(tiny_config):
-  jit_state, jit_sums = steps.train_step_jit(make_state(tiny_config), golden_batch())
-  eager_state, eager_sums = steps.train_step(make_state(tiny_config), golden_batch())
-  with jax.disable_jit():
-    nojit_state, nojit_sums = steps.train_step_jit(make_state(tiny_config), golden_batch())
-  for state, sums in ((eager_state, eager_sums), (nojit_state, nojit_sums)):
-    assert_trees_close(state.params, jit_state.params)
-    assert_trees_close(state.opt_state, jit_state.opt_state)
-    np.testing.assert_allclose(list(pick(sums).values()), list(pick(jit_sums).values()),
-                               rtol=1e-6)
-    assert int(state.step) == int(jit_state.step) == 1
+def test_jit_and_eager_agree(tiny):
+  """`train_step` called directly (op by op, no jit) agrees with the jitted step."""
+  jit_state, jit_sums = steps.train_step_jit(make_state(tiny), golden_batch())
+  eager_state, eager_sums = steps.train_step(make_state(tiny), golden_batch())
+  assert_trees_close(eager_state.params, jit_state.params)
+  assert_trees_close(eager_state.opt_state, jit_state.opt_state)
+  np.testing.assert_allclose(list(pick(eager_sums).values()), list(pick(jit_sums).values()),
+                             rtol=1e-6)
+  assert int(eager_state.step) == int(jit_state.step) == 1
 
 
-def test_eval_step_counts_the_same_as_train_step(tiny_config):
-  state = make_state(tiny_config)
+def test_eval_step_counts_the_same_as_train_step(tiny):
+  state = make_state(tiny)
   eval_sums = pick(steps.eval_step_jit(state, golden_batch()))
   train_sums = pick(steps.train_step_jit(state, golden_batch())[1])  # Loss before the update.
   np.testing.assert_allclose(list(eval_sums.values()), list(train_sums.values()), rtol=1e-6)
 
 
-def test_loss_is_mean_cross_entropy_by_hand(tiny_config):
+def test_loss_is_mean_cross_entropy_by_hand(tiny):
   """The summed loss is the softmax cross-entropy of the model on images/255, by numpy."""
-  state = make_state(tiny_config)
+  state = make_state(tiny)
   params = host(state.params)
   batch = golden_batch()
   x = batch['image'].reshape(4, -1).astype(np.float64) / 255.0
@@ -150,10 +155,10 @@ def padded_batch(garbage_seed=0):
               mask=np.concatenate([real['mask'], np.zeros(4, np.float32)]))
 
 
-def test_padded_examples_contribute_nothing(tiny_config):
+def test_padded_examples_contribute_nothing(tiny):
   """4 real + 4 padded examples give exactly what the 4 real examples give alone."""
-  real_state, real_sums = steps.train_step_jit(make_state(tiny_config), golden_batch())
-  pad_state, pad_sums = steps.train_step_jit(make_state(tiny_config), padded_batch())
+  real_state, real_sums = steps.train_step_jit(make_state(tiny), golden_batch())
+  pad_state, pad_sums = steps.train_step_jit(make_state(tiny), padded_batch())
   np.testing.assert_allclose(list(pick(pad_sums).values()), list(pick(real_sums).values()),
                              rtol=1e-6)
   assert float(pad_sums['count']) == 4.0
@@ -161,19 +166,19 @@ def test_padded_examples_contribute_nothing(tiny_config):
   assert_trees_close(pad_state.opt_state, real_state.opt_state)  # RMSprop's v = 0.1 g^2.
 
 
-def test_padded_examples_give_the_same_gradients(tiny_config):
+def test_padded_examples_give_the_same_gradients(tiny):
   """With SGD(lr=1) the step moves params by exactly -grad: compare grads with an independent
   mean over the real examples, and check the garbage would have changed them if it counted."""
-  sgd = optax.sgd(1.0)
-  before = host(make_state(tiny_config, tx=sgd).params)
+  sgd = tiny['sgd']
+  before = host(make_state(tiny, tx=sgd).params)
   grads_of = lambda state: jax.tree.map(lambda b, a: b - np.asarray(a), before,
                                         host(state.params))
-  real_grads = grads_of(steps.train_step_jit(make_state(tiny_config, tx=sgd), golden_batch())[0])
-  pad_grads = grads_of(steps.train_step_jit(make_state(tiny_config, tx=sgd), padded_batch())[0])
+  real_grads = grads_of(steps.train_step_jit(make_state(tiny, tx=sgd), golden_batch())[0])
+  pad_grads = grads_of(steps.train_step_jit(make_state(tiny, tx=sgd), padded_batch())[0])
   assert_trees_close(pad_grads, real_grads, rtol=1e-5, atol=1e-7)
 
   # Independently: the gradient of the mean cross-entropy over the 4 real examples.
-  model = models.build(tiny_config.model, NUM_CLASSES)
+  model = tiny['model']
   batch = golden_batch()
 
   def mean_loss(params):
@@ -184,7 +189,7 @@ def test_padded_examples_give_the_same_gradients(tiny_config):
 
   # The test can fail: counting the garbage (all masks 1) changes the gradients.
   unmasked = dict(padded_batch(), mask=np.ones(8, np.float32))
-  unmasked_grads = grads_of(steps.train_step_jit(make_state(tiny_config, tx=sgd), unmasked)[0])
+  unmasked_grads = grads_of(steps.train_step_jit(make_state(tiny, tx=sgd), unmasked)[0])
   with pytest.raises(AssertionError):
     assert_trees_close(unmasked_grads, real_grads, rtol=1e-5, atol=1e-7)
 
@@ -200,45 +205,45 @@ def empty_like(batch, seed=1):
               mask=np.zeros_like(batch['mask']))
 
 
-def test_empty_step_in_train_chunk_is_a_no_op(tiny_config):
+def test_empty_step_in_train_chunk_is_a_no_op(tiny):
   """An all-padding step (as chunk_plan appends) changes nothing: params, opt_state, step, rng.
 
   Starts from a state one step in, so RMSprop's second moment is non-zero and would decay.
   """
-  state, _ = steps.train_step_jit(make_state(tiny_config), golden_batch())
+  state, _ = steps.train_step_jit(make_state(tiny), golden_batch())
   before = host(state)
   out = steps.train_chunk(state, stack(empty_like(golden_batch())))
   after, totals = out[0], out[1]
   assert_trees_equal(after.params, before.params)
   assert_trees_equal(after.opt_state, before.opt_state)
   assert int(after.step) == int(before.step) == 1
-  np.testing.assert_array_equal(jax.random.key_data(after.rng) if jnp.issubdtype(
-      after.rng.dtype, jax.dtypes.prng_key) else after.rng, before.rng)
+  assert_trees_equal(after, before)  # Every leaf of the state, the RNG included.
   assert pick(totals) == dict(loss=0.0, correct=0.0, count=0.0)
 
 
-def test_train_chunk_with_trailing_empty_steps_equals_the_real_steps(tiny_config):
-  """[real, real, empty, empty] ends where [real, real] does, and where two single steps do."""
-  batch_a, batch_b = golden_batch(), padded_batch(garbage_seed=5)
-  out = steps.train_chunk(make_state(tiny_config), stack(batch_a, batch_b))
+def test_train_chunk_with_trailing_empty_steps_equals_the_real_steps(tiny):
+  """[a, b, empty, empty] ends where [a, b] does, and where two single steps do."""
+  batch_a = padded_batch(garbage_seed=4)  # 4 real + 4 padded.
+  batch_b = dict(padded_batch(garbage_seed=5), mask=np.ones(8, np.float32))  # 8 real.
+  out = steps.train_chunk(make_state(tiny), stack(batch_a, batch_b))
   ref_state, ref_totals = host(out[0]), pick(out[1])
-  out = steps.train_chunk(make_state(tiny_config),
+  out = steps.train_chunk(make_state(tiny),
                           stack(batch_a, batch_b, empty_like(batch_a, 2), empty_like(batch_a, 3)))
   padded_state, padded_totals = host(out[0]), pick(out[1])
   assert_trees_close(padded_state.params, ref_state.params)
   assert_trees_close(padded_state.opt_state, ref_state.opt_state)
   assert int(padded_state.step) == int(ref_state.step) == 2
   np.testing.assert_allclose(list(padded_totals.values()), list(ref_totals.values()), rtol=1e-6)
-  assert padded_totals['count'] == 8.0  # 4 + 4 real examples.
+  assert padded_totals['count'] == 12.0  # 4 + 8 real examples.
 
-  state, sums_a = steps.train_step_jit(make_state(tiny_config), batch_a)
+  state, sums_a = steps.train_step_jit(make_state(tiny), batch_a)
   state, sums_b = steps.train_step_jit(state, batch_b)
   assert_trees_close(padded_state.params, state.params, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(padded_totals['loss'], float(sums_a['loss'] + sums_b['loss']),
                              rtol=1e-5)
 
 
-def test_train_chunk_resident_equals_train_chunk(tiny_config):
+def test_train_chunk_resident_equals_train_chunk(tiny):
   """The device mode's gather feeds the same batches as stacking them on the host."""
   rng = np.random.default_rng(0)
   data = dict(image=rng.integers(0, 256, (10, *IMAGE_SHAPE), dtype=np.uint8),
@@ -247,8 +252,8 @@ def test_train_chunk_resident_equals_train_chunk(tiny_config):
                mask=np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32))
   batches = dict(image=data['image'][chunk['index']], label=data['label'][chunk['index']],
                  mask=chunk['mask'])
-  out_host = steps.train_chunk(make_state(tiny_config), batches)
-  out_dev = steps.train_chunk_resident(make_state(tiny_config), data, chunk)
+  out_host = steps.train_chunk(make_state(tiny), batches)
+  out_dev = steps.train_chunk_resident(make_state(tiny), data, chunk)
   assert_trees_close(out_dev[0].params, out_host[0].params)
   np.testing.assert_allclose(list(pick(out_dev[1]).values()), list(pick(out_host[1]).values()),
                              rtol=1e-6)
