@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mnist_jax import distributed
 from mnist_jax import errors
 from mnist_jax import train
 
@@ -26,6 +27,11 @@ flags.DEFINE_string('workdir', None, 'Where the run writes its outputs; default:
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
                   'train: train (resuming from the newest checkpoint in the workdir, if any) and '
                   'evaluate; evaluate: evaluate the newest checkpoint in --workdir, no training.')
+flags.DEFINE_bool('distributed', False, 'Initialize JAX\'s multi-process runtime (auto-detected '
+                  'on TPU pods, Slurm and Open MPI; else give the three flags below).')
+flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for --distributed.')
+flags.DEFINE_integer('num_processes', 0, 'Number of processes, for --distributed.')
+flags.DEFINE_integer('process_id', -1, 'This process\'s index, for --distributed.')
 flags.mark_flags_as_required(['config'])
 
 MODES = {'train': train.train_and_evaluate, 'evaluate': train.evaluate_checkpoint}
@@ -41,6 +47,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # The run prints its own progress; -v 0 for more.
+  if FLAGS.distributed:
+    if not FLAGS.workdir:
+      raise app.UsageError('--distributed needs --workdir (every process must use the same).')
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
   print(f'workdir: {workdir}', flush=True)
   try:

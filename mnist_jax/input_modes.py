@@ -61,6 +61,10 @@ class _Mode:
     return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(None, 'data')),
                                                   local)
 
+  def zero_sums(self):
+    """Zero metric sums as global (replicated) arrays, so multi-host checkpoints take them."""
+    return self.put_replicated(steps.zero_sums())
+
   def put_replicated(self, tree):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)

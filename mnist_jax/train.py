@@ -11,6 +11,7 @@ optimizer state, step, RNG and position in the data as the run that wrote it.
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import pathlib
@@ -161,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  asynchronous=config.checkpoint_async)
   logger = None
   try:
-    restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=steps.zero_sums()))
+    restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=run.mode.zero_sums()))
     if is_writer:
       _write_header(workdir, config, run)
     logger = metrics.MetricLogger(workdir, tensorboard=config.write_tensorboard,
@@ -178,13 +179,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
-  mode, state, epoch_sums = run.mode, run.state, steps.zero_sums()
+  mode, state, epoch_sums = run.mode, run.state, run.mode.zero_sums()
   if restored:
     state, epoch_sums = restored[0]['state'], restored[0]['epoch_sums']
     print(f'resumed from the checkpoint at step {restored[1]} in {ckpt.directory}', flush=True)
   spe, every = mode.steps_per_epoch, config.checkpoint_every_steps
   step = previous = int(state.step)
-  progress = progress_lib.Progress(config.num_epochs, spe)
+  # Only process 0 talks; the others train silently.
+  progress = progress_lib.Progress(config.num_epochs, spe,
+                                   None if jax.process_index() == 0 else io.StringIO())
   train_seconds, record = 0.0, None
   for epoch in range(step // spe, config.num_epochs):
     epoch_start = time.perf_counter()
@@ -212,7 +215,7 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
                   examples_per_sec=examples / epoch_seconds,
                   elapsed_s=time.perf_counter() - start)
     logger.write(step, record)
-    epoch_sums = steps.zero_sums()
+    epoch_sums = mode.zero_sums()
     ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
     progress.end_epoch(_epoch_line(record, config.num_epochs))
   return state, record, train_seconds
@@ -239,9 +242,9 @@ def _finish(workdir, config, run: Setup, state, record, train_seconds, start, is
       _write_report(workdir, config, run, state, summary)
     summary['total_seconds'] = time.perf_counter() - start
     metrics.write_json(workdir / 'summary.json', summary)
-  print(f"done: test accuracy {summary['test_accuracy']:.4f}, {summary['steps']} steps, "
-        f"{train_seconds:.1f}s of training ({summary['total_seconds']:.1f}s in all); "
-        f'wrote {workdir}', flush=True)
+    print(f"done: test accuracy {summary['test_accuracy']:.4f}, {summary['steps']} steps, "
+          f"{train_seconds:.1f}s of training ({summary['total_seconds']:.1f}s in all); "
+          f'wrote {workdir}', flush=True)
   return summary
 
 
@@ -265,7 +268,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Evaluates the newest valid checkpoint in `workdir` without training."""
   run = setup(config)
   ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints', keep=config.checkpoint_keep)
-  restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=steps.zero_sums()))
+  restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=run.mode.zero_sums()))
   if restored is None:
     raise errors.UserError(f'No checkpoint in {ckpt.directory} to evaluate.')
   state = restored[0]['state']
