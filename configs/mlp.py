@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Training ---------------------------------------------------------------------------
   config.seed = 0  # Seeds the initialization and the order of the examples.
+  # Independent replicas trained at once in one jitted program (jax.vmap), with seeds
+  # seed, seed+1, ...; the run reports each one's test accuracy, their mean and std.
+  config.num_seeds = 1
   config.num_epochs = 5  # Passes over the training set.
   config.batch_size = 128  # Global batch; the last batch of an epoch is padded and masked.
   config.eval_batch_size = 1000  # Evaluation batch (padded and masked too).

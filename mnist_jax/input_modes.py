@@ -25,15 +25,24 @@ RESIDENT_MAX_BYTES = 1 << 30
 
 
 class _Mode:
-  """Shared planning: which examples each step of an epoch sees, in chunks of steps."""
-  train_fn = None  # The jitted chunk functions of `steps` this mode calls.
-  eval_fn = None
+  """Shared planning: which examples each step of an epoch sees, in chunks of steps.
+
+  With `num_replicas` N > 1, N independent runs (seeds seed..seed+N-1) train at once: the state
+  and the plan get a leading replica axis [N, ...] and the vmapped chunk functions run.
+  """
+  # The jitted chunk functions of `steps` this mode calls: (one run, N replicas).
+  train_fns: tuple = ()
+  eval_fns: tuple = ()
 
   def __init__(self, splits: dict[str, input_pipeline.Split], *, train_split: str,
                eval_split: str, seed: int, batch_size: int, eval_batch_size: int,
-               steps_per_call: int, scan_unroll: int = 1):
+               steps_per_call: int, scan_unroll: int = 1, num_replicas: int = 1):
     self.train, self.eval = splits[train_split], splits[eval_split]
     self.seed, self.batch_size, self.unroll = seed, batch_size, scan_unroll
+    self.num_replicas = num_replicas
+    self.train_fn = self.train_fns[num_replicas > 1]
+    self.eval_fn = self.eval_fns[num_replicas > 1]
+    self._batch_axis = 1 if num_replicas == 1 else 2  # Of plan [(N,) K, B] and batch arrays.
     self.steps_per_epoch = math.ceil(len(self.train) / batch_size)
     self.steps_per_call = min(steps_per_call or self.steps_per_epoch, self.steps_per_epoch)
     eval_plan = input_pipeline.batch_plan(np.arange(len(self.eval), dtype=np.int32),
@@ -42,28 +51,47 @@ class _Mode:
     self.mesh = Mesh(np.array(jax.devices()), ('data',))  # Auto sharding: XLA partitions.
     self.replicated = NamedSharding(self.mesh, P())
 
-  def epoch_chunks(self, epoch: int, start: int = 0) -> list[dict[str, np.ndarray]]:
-    """The epoch's steps from `start` on, in chunks of `steps_per_call` steps."""
-    order = input_pipeline.epoch_order(self.seed, epoch, len(self.train))
+  def _replica_chunks(self, seed: int, epoch: int, start: int) -> list[dict[str, np.ndarray]]:
+    order = input_pipeline.epoch_order(seed, epoch, len(self.train))
     plan = input_pipeline.batch_plan(order, self.batch_size)
     return input_pipeline.chunk_plan({k: v[start:] for k, v in plan.items()},
                                      self.steps_per_call)
 
+  def epoch_chunks(self, epoch: int, start: int = 0) -> list[dict[str, np.ndarray]]:
+    """The epoch's steps from `start` on, in chunks of `steps_per_call` steps.
+
+    Each chunk holds 'index' and 'mask' [K, B], or [N, K, B] for N replicas.
+    """
+    if self.num_replicas == 1:
+      return self._replica_chunks(self.seed, epoch, start)
+    per_replica = [self._replica_chunks(self.seed + i, epoch, start)
+                   for i in range(self.num_replicas)]
+    return [{k: np.stack([chunks[c][k] for chunks in per_replica]) for k in ('index', 'mask')}
+            for c in range(len(per_replica[0]))]
+
+  @staticmethod
+  def real_steps(chunk: dict[str, np.ndarray]) -> int:
+    """How many steps of a chunk hold examples (the rest are padding)."""
+    mask_KxB = chunk['mask'].reshape(-1, *chunk['mask'].shape[-2:])[0]
+    return int(np.count_nonzero(mask_KxB.any(axis=-1)))
+
   @staticmethod
   def local_columns(chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's share of every batch: its contiguous block of the B columns."""
-    per_process = chunk['mask'].shape[1] // jax.process_count()
+    """This process's share of every batch: its contiguous block of the B (last) columns."""
+    per_process = chunk['mask'].shape[-1] // jax.process_count()
     start = jax.process_index() * per_process
-    return {k: v[:, start:start + per_process] for k, v in chunk.items()}
+    return {k: v[..., start:start + per_process] for k, v in chunk.items()}
 
-  def put_batch(self, local: np.ndarray) -> jax.Array:
-    """The global [K, B, ...] array, split over devices along B, from this process's columns."""
-    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(None, 'data')),
-                                                  local)
+  def put_batch(self, local: np.ndarray, batch_axis: int | None = None) -> jax.Array:
+    """The global array, split over devices along its batch axis, from this process's part."""
+    batch_axis = self._batch_axis if batch_axis is None else batch_axis
+    spec = P(*[None] * batch_axis, 'data')
+    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), local)
 
   def zero_sums(self):
     """Zero metric sums as global (replicated) arrays, so multi-host checkpoints take them."""
-    return self.put_replicated(steps.zero_sums())
+    shape = () if self.num_replicas == 1 else (self.num_replicas,)
+    return self.put_replicated({k: np.zeros(shape, np.float32) for k in steps.SUM_KEYS})
 
   def put_replicated(self, tree):
     return jax.tree.map(
@@ -85,39 +113,39 @@ class _Mode:
 
 class DeviceMode(_Mode):
   """The dataset lives on the device; each scanned step gathers its batch there."""
-  train_fn = staticmethod(steps.train_chunk_resident)
-  eval_fn = staticmethod(steps.eval_chunk_resident)
+  train_fns = (steps.train_chunk_resident, steps.train_chunk_resident_replicas)
+  eval_fns = (steps.eval_chunk_resident, steps.eval_chunk_resident_replicas)
 
   def __init__(self, splits, **kwargs):
     super().__init__(splits, **kwargs)
     self._train = self.put_replicated(dict(image=self.train.image, label=self.train.label))
     self._eval = self.put_replicated(dict(image=self.eval.image, label=self.eval.label))
 
-  def _put_plan(self, chunk):
-    return {k: self.put_batch(v) for k, v in self.local_columns(chunk).items()}
+  def _put_plan(self, chunk, batch_axis=None):
+    return {k: self.put_batch(v, batch_axis) for k, v in self.local_columns(chunk).items()}
 
   def train_inputs(self, chunks):
     return ((self._train, self._put_plan(chunk)) for chunk in chunks)
 
   def eval_inputs(self):
-    return (self._eval, self._put_plan(self.eval_chunks[0]))
+    return (self._eval, self._put_plan(self.eval_chunks[0], batch_axis=1))
 
 
 class TfDataMode(_Mode):
   """tf.data gathers and stacks the planned batches on the host and prefetches them."""
-  train_fn = staticmethod(steps.train_chunk)
-  eval_fn = staticmethod(steps.eval_chunk)
+  train_fns = (steps.train_chunk, steps.train_chunk_replicas)
+  eval_fns = (steps.eval_chunk, steps.eval_chunk_replicas)
 
-  def _batches(self, split, chunks):
+  def _batches(self, split, chunks, batch_axis=None):
     local_chunks = [self.local_columns(chunk) for chunk in chunks]  # Read only our examples.
     for batches in input_pipeline.tf_batches(split, local_chunks):
-      yield ({k: self.put_batch(v) for k, v in batches.items()},)
+      yield ({k: self.put_batch(v, batch_axis) for k, v in batches.items()},)
 
   def train_inputs(self, chunks):
     return self._batches(self.train, chunks)
 
   def eval_inputs(self):
-    return next(self._batches(self.eval, self.eval_chunks))
+    return next(self._batches(self.eval, self.eval_chunks, batch_axis=1))
 
 
 INPUT_MODES = {'device': DeviceMode, 'tfdata': TfDataMode}

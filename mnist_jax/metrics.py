@@ -16,12 +16,22 @@ import numpy as np
 import optax
 
 
-def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
-  """Loss and accuracy from summed metrics (sums over real examples)."""
+def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Loss and accuracy from summed metrics (sums over real examples).
+
+  Sums with a replica axis [N] give the mean over replicas, plus each replica's value
+  (`*_per_replica`) and the standard deviation (`*_std`).
+  """
   sums = jax.device_get(sums)
-  count = max(float(sums['count']), 1.0)
-  return {f'{prefix}loss': float(sums['loss']) / count,
-          f'{prefix}accuracy': float(sums['correct']) / count}
+  count = np.maximum(np.asarray(sums['count'], np.float64), 1.0)
+  values = dict(loss=np.asarray(sums['loss']) / count,
+                accuracy=np.asarray(sums['correct']) / count)
+  summary = {f'{prefix}{k}': float(np.mean(v)) for k, v in values.items()}
+  if count.ndim:
+    for k, v in values.items():
+      summary[f'{prefix}{k}_per_replica'] = [float(x) for x in v]
+      summary[f'{prefix}{k}_std'] = float(np.std(v))
+  return summary
 
 
 def count_params(params) -> int:
@@ -79,7 +89,8 @@ class MetricLogger:
     self._jsonl.write(json.dumps(dict(step=step, **scalars)) + '\n')
     self._jsonl.flush()
     if self._writer:
-      self._writer.write_scalars(step, {k: v for k, v in scalars.items() if k != 'epoch'})
+      self._writer.write_scalars(step, {k: v for k, v in scalars.items()
+                                        if k != 'epoch' and isinstance(v, (int, float))})
 
   def close(self) -> None:
     if self._enabled:

@@ -115,28 +115,47 @@ def _identity(batch: Batch) -> Batch:
   return batch
 
 
-# `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
-# unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
-@functools.partial(jax.jit, donate_argnums=0, static_argnames='unroll')
-def train_chunk(state: TrainState, batches: Batch, unroll: int = 1):
+def train_batches(state: TrainState, batches: Batch, unroll: int = 1):
   """Train steps over stacked batches [K, B, ...]; see `_scan_train` for what it returns."""
   return _scan_train(state, batches, _identity, unroll)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames='unroll')
-def train_chunk_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1):
+def train_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1):
   """Train steps over planned indices chunk['index'] [K, B] into resident `data`."""
   return _scan_train(state, chunk, functools.partial(_gather, data), unroll)
 
 
-@functools.partial(jax.jit, static_argnames='unroll')
-def eval_chunk(state: TrainState, batches: Batch, unroll: int = 1) -> Sums:
+def eval_batches(state: TrainState, batches: Batch, unroll: int = 1) -> Sums:
   return _scan_eval(state, batches, _identity, unroll)
 
 
-@functools.partial(jax.jit, static_argnames='unroll')
-def eval_chunk_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1) -> Sums:
+def eval_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1) -> Sums:
   return _scan_eval(state, chunk, functools.partial(_gather, data), unroll)
+
+
+def over_replicas(fn: Callable, in_axes: tuple) -> Callable:
+  """`fn` for N independent replicas at once: state (and per-replica inputs) stacked [N, ...]."""
+
+  def run(state, *args, unroll: int = 1):
+    return jax.vmap(functools.partial(fn, unroll=unroll), in_axes=in_axes)(state, *args)
+
+  return run
+
+
+# `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
+# unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
+_jit_train = functools.partial(jax.jit, donate_argnums=0, static_argnames='unroll')
+_jit_eval = functools.partial(jax.jit, static_argnames='unroll')
+
+train_chunk = _jit_train(train_batches)
+train_chunk_resident = _jit_train(train_resident)
+eval_chunk = _jit_eval(eval_batches)
+eval_chunk_resident = _jit_eval(eval_resident)
+# Replicas share the resident data and the evaluation batches; each has its own data order.
+train_chunk_replicas = _jit_train(over_replicas(train_batches, (0, 0)))
+train_chunk_resident_replicas = _jit_train(over_replicas(train_resident, (0, None, 0)))
+eval_chunk_replicas = _jit_eval(over_replicas(eval_batches, (0, None)))
+eval_chunk_resident_replicas = _jit_eval(over_replicas(eval_resident, (0, None, None)))
 
 
 @jax.jit

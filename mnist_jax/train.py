@@ -89,19 +89,33 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       seed=config.seed, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
       steps_per_call=min(config.steps_per_call or _default_steps_per_call(),
                          config.checkpoint_every_steps or 1 << 30),
-      scan_unroll=config.scan_unroll)
+      scan_unroll=config.scan_unroll, num_replicas=config.num_seeds)
   model = models.build(config.model, info.num_classes)
   tx = optim.create_optimizer(config, mode.steps_per_epoch * config.num_epochs)
   init = functools.partial(steps.create_train_state, model=model, tx=tx,
                            image_shape=info.image_shape)
-  state = jax.jit(init, out_shardings=mode.replicated)(jax.random.PRNGKey(config.seed))
-  return Setup(info, mode_name, mode, state, metrics.count_params(state.params), cache_dir)
+  if config.num_seeds == 1:
+    rng = jax.random.PRNGKey(config.seed)
+  else:  # Replica i starts exactly as a single run with seed + i would.
+    rng = jax.numpy.stack([jax.random.PRNGKey(config.seed + i) for i in range(config.num_seeds)])
+    init = jax.vmap(init)
+  state = jax.jit(init, out_shardings=mode.replicated)(rng)
+  num_params = metrics.count_params(state.params) // config.num_seeds
+  return Setup(info, mode_name, mode, state, num_params, cache_dir)
+
+
+def replica(tree, i: int, num_replicas: int):
+  """Replica i of a state or result that has a leading replica axis when num_replicas > 1."""
+  return tree if num_replicas == 1 else jax.tree.map(lambda x: x[i], tree)
 
 
 def _epoch_line(record: dict, num_epochs: int) -> str:
+  spread = (f" ± {record['test_accuracy_std']:.4f} (mean ± std of "
+            f"{len(record['test_accuracy_per_replica'])} seeds)"
+            if 'test_accuracy_std' in record else '')
   return (f"epoch {record['epoch']}/{num_epochs}  "
           f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  |  "
-          f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  |  "
+          f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}{spread}  |  "
           f"{record['examples_per_sec']:,.0f} ex/s  {record['elapsed_s']:.1f}s")
 
 
@@ -109,12 +123,13 @@ def _check_finite(per_step: dict, first_step: int) -> None:
   """Stops the run at the first step whose loss or gradient norm is NaN or Inf."""
   for name in ('loss', 'grad_norm'):
     values = np.asarray(per_step[name])
-    bad = np.flatnonzero(~np.isfinite(values))
+    values_RxK = values.reshape(-1, values.shape[-1])  # R replicas (1 for a single run).
+    bad = np.flatnonzero(~np.isfinite(values_RxK).all(axis=0))
     if bad.size:
       raise NonFiniteError(
-          f'{name} is {values[bad[0]]} at step {first_step + bad[0] + 1}; stopping without '
-          'saving this state (the last checkpoint is kept). Lower the learning rate or check '
-          'the data.')
+          f'{name} is {values_RxK[:, bad[0]].tolist()} at step {first_step + bad[0] + 1}; '
+          'stopping without saving this state (the last checkpoint is kept). Lower the '
+          'learning rate or check the data.')
 
 
 def _write_header(workdir: pathlib.Path, config, run: Setup) -> None:
@@ -184,7 +199,7 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
     state, epoch_sums = restored[0]['state'], restored[0]['epoch_sums']
     print(f'resumed from the checkpoint at step {restored[1]} in {ckpt.directory}', flush=True)
   spe, every = mode.steps_per_epoch, config.checkpoint_every_steps
-  step = previous = int(state.step)
+  step = previous = _step_of(state)
   # Only process 0 talks; the others train silently.
   progress = progress_lib.Progress(config.num_epochs, spe,
                                    None if jax.process_index() == 0 else io.StringIO())
@@ -197,7 +212,7 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
     for chunk, args in zip(chunks, mode.train_inputs(chunks)):
       state, sums, per_step = mode.train_call(state, *args)
       epoch_sums = steps.add_sums(epoch_sums, sums)
-      previous, step = step, step + int(np.count_nonzero(chunk['mask'].any(axis=1)))
+      previous, step = step, step + mode.real_steps(chunk)
       if progress.due():
         progress.update(step - epoch * spe, *_running(epoch_sums))
       if preemption.requested or (every and step // every > previous // every and step % spe):
@@ -221,28 +236,37 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
   return state, record, train_seconds
 
 
+def _step_of(state) -> int:
+  return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # Replicas step together.
+
+
 def _running(sums):
   """Running loss and accuracy as device scalars (fetched only if the progress line draws)."""
   count = jax.numpy.maximum(sums['count'], 1.0)
-  return sums['loss'] / count, sums['correct'] / count
+  return jax.numpy.mean(sums['loss'] / count), jax.numpy.mean(sums['correct'] / count)
 
 
 def _finish(workdir, config, run: Setup, state, record, train_seconds, start, is_writer):
   test = record or metrics.summarize(run.mode.evaluate(state), 'test_')  # None: was finished.
   summary = dict(
-      test_accuracy=test['test_accuracy'], test_loss=test['test_loss'],
-      train_accuracy=test.get('train_accuracy'), train_loss=test.get('train_loss'),
-      epochs=config.num_epochs, steps=int(state.step), num_params=run.num_params,
+      {k: v for k, v in test.items() if k.startswith(('test_', 'train_'))},
+      epochs=config.num_epochs, steps=_step_of(state), num_params=run.num_params,
       param_fingerprint=metrics.fingerprint(state.params), train_seconds=train_seconds,
       total_seconds=time.perf_counter() - start, input_mode=run.mode_name, seed=config.seed,
-      versions=metrics.versions())
+      num_seeds=config.num_seeds, versions=metrics.versions())
+  if config.num_seeds > 1:
+    summary['param_fingerprint_per_replica'] = [
+        metrics.fingerprint(replica(state.params, i, config.num_seeds))
+        for i in range(config.num_seeds)]
   if is_writer:
     metrics.write_json(workdir / 'summary.json', summary)
     if config.write_report:
       _write_report(workdir, config, run, state, summary)
     summary['total_seconds'] = time.perf_counter() - start
     metrics.write_json(workdir / 'summary.json', summary)
-    print(f"done: test accuracy {summary['test_accuracy']:.4f}, {summary['steps']} steps, "
+    spread = (f" ± {summary['test_accuracy_std']:.4f} over {config.num_seeds} seeds "
+              f"{summary['test_accuracy_per_replica']}" if config.num_seeds > 1 else '')
+    print(f"done: test accuracy {summary['test_accuracy']:.4f}{spread}, {summary['steps']} steps, "
           f"{train_seconds:.1f}s of training ({summary['total_seconds']:.1f}s in all); "
           f'wrote {workdir}', flush=True)
   return summary
@@ -252,6 +276,7 @@ def _write_report(workdir: pathlib.Path, config, run: Setup, state, summary: dic
   """report.png and report.md: curves, the confusion matrix, the most confident mistakes."""
   from mnist_jax import report  # pylint: disable=g-import-not-at-top  (matplotlib: only here)
   split = run.mode.eval
+  state = replica(state, 0, config.num_seeds)  # With several seeds, the report shows the first.
   probs = steps.predict(state, split.image, config.eval_batch_size)
   predicted, confidence = probs.argmax(-1), probs.max(-1)
   confusion = np.zeros((run.info.num_classes,) * 2, np.int64)
@@ -272,7 +297,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   if restored is None:
     raise errors.UserError(f'No checkpoint in {ckpt.directory} to evaluate.')
   state = restored[0]['state']
-  result = dict(step=int(state.step), **metrics.summarize(run.mode.evaluate(state), 'test_'),
+  result = dict(step=_step_of(state), **metrics.summarize(run.mode.evaluate(state), 'test_'),
                 param_fingerprint=metrics.fingerprint(state.params))
   ckpt.close()
   print(json.dumps(result), flush=True)

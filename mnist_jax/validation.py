@@ -42,6 +42,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('checkpoint_every_steps', lambda x: isinstance(x, int) and x >= 0,
      'an integer >= 0 (0: at the end of every epoch)'),
     ('checkpoint_keep', _is_positive_int, 'an integer > 0'),
+    ('num_seeds', _is_positive_int, 'an integer > 0'),
     ('steps_per_call', lambda x: isinstance(x, int) and x >= 0, 'an integer >= 0 (0: an epoch)'),
     ('scan_unroll', _is_positive_int, 'an integer > 0'),
     ('optimizer_kwargs.decay', lambda x: isinstance(x, (int, float)) and 0 <= x < 1,
