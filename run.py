@@ -17,7 +17,15 @@ from ml_collections import config_flags
 
 from mnist_jax import distributed
 from mnist_jax import errors
+from mnist_jax import config_doc
 from mnist_jax import train
+
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'mlp.py'
+# `--help` prints this docstring: every config field, with its default and meaning, generated
+# from the config file so it cannot drift.
+__doc__ += (f'\nConfig fields ({DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)}; '
+            'override as --config.<field>=<value>):\n\n'
+            + config_doc.text_table(str(DEFAULT_CONFIG)) + '\n')
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',

@@ -227,7 +227,7 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
     train_seconds += epoch_seconds
     record = dict(epoch=epoch + 1, **metrics.summarize(epoch_sums, 'train_'),
                   **metrics.summarize(mode.evaluate(state), 'test_'),
-                  examples_per_sec=examples / epoch_seconds,
+                  examples_per_sec=examples / epoch_seconds, epoch_seconds=epoch_seconds,
                   elapsed_s=time.perf_counter() - start)
     logger.write(step, record)
     epoch_sums = mode.zero_sums()

@@ -1,0 +1,218 @@
+r"""How fast does the notebook's job train here? Prints a readable table and one JSON object.
+
+  python benchmarks/train_speed.py                      # configs/mlp.py, both input modes
+  python benchmarks/train_speed.py --quick              # fewer repeats, no scaling sweep
+  python benchmarks/train_speed.py --json_out=/tmp/speed.json
+
+Measured, for each input mode: compile time, steady-state seconds per epoch (median of the
+epochs after the first), examples/s, achieved GFLOP/s and its fraction of this machine's f32
+matmul peak (measured here, in the same run), the 5-epoch training time from the first step to
+the end of the last epoch with compilation included, and test accuracy. Then the whole process
+`python run.py --config=...` twice in a fresh cache (cold: decodes the data and compiles; warm:
+reuses both): wall time, peak memory (max RSS) and the compile overhead of its first epoch. Then
+how the cost grows: seconds per epoch at batch 128/512/2048 and hidden width 512/2048.
+
+Works unchanged on a GPU or TPU (the peak is then the device's f32 matmul rate).
+"""
+
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnist_jax import steps
+from mnist_jax import train
+
+flags.DEFINE_string('config', str(REPO / 'configs' / 'mlp.py'), 'Config file to benchmark.')
+flags.DEFINE_list('modes', ['device', 'tfdata'], 'Input modes to measure.')
+flags.DEFINE_bool('quick', False, 'Fewer repeats; skip the scaling sweep.')
+flags.DEFINE_bool('whole_process', True, 'Also time `python run.py` end to end (twice).')
+flags.DEFINE_string('json_out', '', 'Also write the JSON object to this file.')
+FLAGS = flags.FLAGS
+
+
+def machine() -> dict:
+  cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
+              if line.startswith('model name')), platform.processor()) \
+      if os.path.exists('/proc/cpuinfo') else platform.processor()
+  device = jax.devices()[0]
+  return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+              jax=jax.__version__, backend=jax.default_backend(), device=device.device_kind,
+              device_count=jax.device_count())
+
+
+def matmul_peak(n: int = 2048, repeats: int = 20) -> float:
+  """Best f32 GFLOP/s of an n^3 matmul through XLA."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  matmul = jax.jit(lambda a, b: jnp.dot(a, b, precision='highest'))
+  matmul(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best / 1e9
+
+
+def step_flops(run: train.Setup, batch_size: int) -> tuple[float, float | None]:
+  """FLOPs of one train step: XLA's cost analysis, and the matmul count for a plain MLP."""
+  image_shape = run.info.image_shape
+  batch = dict(image=jnp.zeros((batch_size, *image_shape), jnp.uint8),
+               label=jnp.zeros((batch_size,), jnp.int32), mask=jnp.ones((batch_size,)))
+  compiled = jax.jit(steps.train_step).lower(run.state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  kernels = [x.shape for x in jax.tree.leaves(run.state.params) if x.ndim == 2]
+  analytic = None
+  if kernels and all(x.ndim <= 2 for x in jax.tree.leaves(run.state.params)):
+    # forward + weight gradient for every layer, input gradient for all but the first.
+    analytic = sum(2 * a * b * batch_size * (2 if i == 0 else 3)
+                   for i, (a, b) in enumerate(kernels))
+  return float(cost.get('flops', 0.0)), analytic
+
+
+def load_config(path: str, **overrides):
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  del config_flags
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.cache_dir = os.environ.get('MNIST_JAX_CACHE', '')
+  config.write_report = False
+  config.write_tensorboard = False
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def time_epochs(config, num_epochs: int) -> dict:
+  """Trains in-process; times the epochs (the first includes compilation)."""
+  run = train.setup(config)
+  mode, state = run.mode, run.state
+  epoch_seconds, sums = [], None
+  for epoch in range(num_epochs):
+    start = time.perf_counter()
+    chunks = mode.epoch_chunks(epoch)
+    for args in mode.train_inputs(chunks):
+      state, sums, per_step = mode.train_call(state, *args)
+    jax.block_until_ready((state, per_step))
+    epoch_seconds.append(time.perf_counter() - start)
+  test = mode.evaluate(state)
+  acc = float(test['correct'] / test['count'])
+  return dict(run=run, epoch_seconds=epoch_seconds, test_accuracy=acc)
+
+
+def measure_mode(config_path: str, mode: str, peak: float, epochs: int) -> dict:
+  config = load_config(config_path, input_mode=mode)
+  result = time_epochs(config, epochs)
+  run, seconds = result['run'], result['epoch_seconds']
+  steady = statistics.median(seconds[1:])
+  xla_flops, analytic = step_flops(run, config.batch_size)
+  flops_per_epoch = (analytic or xla_flops) * run.mode.steps_per_epoch
+  return dict(
+      input_mode=mode, compile_and_first_epoch_s=seconds[0], compile_s=seconds[0] - steady,
+      steady_s_per_epoch=steady, examples_per_s=len(run.mode.train) / steady,
+      step_mflop_analytic=analytic and analytic / 1e6, step_mflop_xla=xla_flops / 1e6,
+      gflops=flops_per_epoch / steady / 1e9, fraction_of_peak=flops_per_epoch / steady / 1e9 / peak,
+      train_5_epochs_s=sum(seconds[:5]), epoch_seconds=seconds,
+      test_accuracy=result['test_accuracy'])
+
+
+def whole_process(config_path: str) -> list[dict]:
+  """`python run.py` twice in one fresh cache: cold (decode + compile), then warm."""
+  runs = []
+  with tempfile.TemporaryDirectory() as tmp:
+    env = dict(os.environ, MNIST_JAX_CACHE=os.path.join(tmp, 'cache'), TF_CPP_MIN_LOG_LEVEL='2')
+    for name in ('cold', 'warm'):
+      workdir = os.path.join(tmp, name)
+      before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+      start = time.perf_counter()
+      subprocess.run([sys.executable, str(REPO / 'run.py'), f'--config={config_path}',
+                      f'--workdir={workdir}'], env=env, check=True, capture_output=True,
+                     cwd=REPO)
+      wall = time.perf_counter() - start
+      rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+      summary = json.loads(pathlib.Path(workdir, 'summary.json').read_text())
+      epochs = [json.loads(l)['epoch_seconds']
+                for l in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
+      runs.append(dict(run=name, wall_s=wall, peak_rss_mb=max(rss, before) / 1024,
+                       train_s=summary['train_seconds'],
+                       compile_overhead_s=epochs[0] - statistics.median(epochs[1:]),
+                       test_accuracy=summary['test_accuracy']))
+  return runs
+
+
+def scaling(config_path: str) -> list[dict]:
+  rows = []
+  for batch_size, width in ((128, 512), (512, 512), (2048, 512), (128, 2048)):
+    config = load_config(config_path, input_mode='device', batch_size=batch_size,
+                         **{'model.hidden_sizes': (width,)})
+    seconds = time_epochs(config, 3)['epoch_seconds']
+    rows.append(dict(batch_size=batch_size, hidden_width=width,
+                     s_per_epoch=min(seconds[1:])))
+  return rows
+
+
+def print_table(result: dict) -> None:
+  m = result['machine']
+  print(f"\nmachine: {m['cpu']}, {m['cores']} cores; {m['backend']} {m['device']} x"
+        f"{m['device_count']}; jax {m['jax']}")
+  print(f"f32 matmul peak (2048^3, XLA): {result['matmul_peak_gflops']:.1f} GFLOP/s\n")
+  print(f"{'mode':8s} {'compile':>8s} {'s/epoch':>8s} {'ex/s':>9s} {'GFLOP/s':>8s} "
+        f"{'of peak':>8s} {'5 epochs':>9s} {'test acc':>9s}")
+  for r in result['modes']:
+    print(f"{r['input_mode']:8s} {r['compile_s']:7.2f}s {r['steady_s_per_epoch']:7.3f}s "
+          f"{r['examples_per_s']:9,.0f} {r['gflops']:8.1f} {r['fraction_of_peak']:8.1%} "
+          f"{r['train_5_epochs_s']:8.2f}s {r['test_accuracy']:9.4f}")
+  for r in result.get('whole_process', []):
+    print(f"whole process ({r['run']}): {r['wall_s']:.2f}s wall, peak RSS "
+          f"{r['peak_rss_mb']:.0f} MB, training {r['train_s']:.2f}s, first-epoch compile "
+          f"overhead {r['compile_overhead_s']:.2f}s, test acc {r['test_accuracy']:.4f}")
+  if result.get('scaling'):
+    print('\nscaling (device mode, steady s/epoch):')
+    for r in result['scaling']:
+      print(f"  batch {r['batch_size']:5d}  hidden {r['hidden_width']:5d}  "
+            f"{r['s_per_epoch']:.3f}s")
+
+
+def main(argv):
+  del argv
+  peak = matmul_peak(repeats=5 if FLAGS.quick else 20)
+  epochs = 5 if FLAGS.quick else 7
+  result = dict(machine=machine(), config=FLAGS.config, matmul_peak_gflops=peak,
+                modes=[measure_mode(FLAGS.config, mode, peak, epochs) for mode in FLAGS.modes])
+  if FLAGS.whole_process:
+    result['whole_process'] = whole_process(FLAGS.config)
+  if not FLAGS.quick:
+    result['scaling'] = scaling(FLAGS.config)
+  print_table(result)
+  print(json.dumps(result))
+  if FLAGS.json_out:
+    pathlib.Path(FLAGS.json_out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)
