@@ -44,6 +44,9 @@ flags.DEFINE_list('modes', ['device', 'tfdata'], 'Input modes to measure.')
 flags.DEFINE_bool('quick', False, 'Fewer repeats; skip the scaling sweep.')
 flags.DEFINE_bool('whole_process', True, 'Also time `python run.py` end to end (twice).')
 flags.DEFINE_string('json_out', '', 'Also write the JSON object to this file.')
+flags.DEFINE_bool('references', True, 'Also time the Keras notebook and the PyTorch version '
+                  '(benchmarks/reference_*.py) on the same machine, where importable.')
+flags.DEFINE_string('torch_python', sys.executable, 'A Python that can import torch.')
 FLAGS = flags.FLAGS
 
 
@@ -165,6 +168,24 @@ def whole_process(config_path: str) -> list[dict]:
   return runs
 
 
+def references() -> list[dict]:
+  """The Keras notebook and the PyTorch version, each as its own process, timed from outside."""
+  rows = []
+  for script, python in (('reference_keras.py', sys.executable),
+                         ('reference_torch.py', FLAGS.torch_python)):
+    start = time.perf_counter()
+    done = subprocess.run([python, str(REPO / 'benchmarks' / script)], capture_output=True,
+                          text=True, cwd=REPO / 'benchmarks',
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+    wall = time.perf_counter() - start
+    if done.returncode:
+      rows.append(dict(script=script, error=done.stderr.strip().splitlines()[-1:]))
+      continue
+    rows.append(dict(json.loads(done.stdout.strip().splitlines()[-1]), script=script,
+                     wall_s=wall))
+  return rows
+
+
 def scaling(config_path: str) -> list[dict]:
   rows = []
   for batch_size, width in ((128, 512), (512, 512), (2048, 512), (128, 2048)):
@@ -191,6 +212,13 @@ def print_table(result: dict) -> None:
     print(f"whole process ({r['run']}): {r['wall_s']:.2f}s wall, peak RSS "
           f"{r['peak_rss_mb']:.0f} MB, training {r['train_s']:.2f}s, first-epoch compile "
           f"overhead {r['compile_overhead_s']:.2f}s, test acc {r['test_accuracy']:.4f}")
+  for r in result.get('references', []):
+    if 'error' in r:
+      print(f"reference {r['script']}: not run ({r['error']})")
+    else:
+      print(f"reference {r['framework']}: training {r['fit_s']:.2f}s, whole process "
+            f"{r['wall_s']:.2f}s wall, peak RSS {r['peak_rss_mb']:.0f} MB, test acc "
+            f"{r['test_accuracy']:.4f}")
   if result.get('scaling'):
     print('\nscaling (device mode, steady s/epoch):')
     for r in result['scaling']:
@@ -206,6 +234,8 @@ def main(argv):
                 modes=[measure_mode(FLAGS.config, mode, peak, epochs) for mode in FLAGS.modes])
   if FLAGS.whole_process:
     result['whole_process'] = whole_process(FLAGS.config)
+  if FLAGS.references:
+    result['references'] = references()
   if not FLAGS.quick:
     result['scaling'] = scaling(FLAGS.config)
   print_table(result)
