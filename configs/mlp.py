@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer_kwargs = ml_collections.ConfigDict(dict(decay=0.9, eps=1e-7))
   # Any optax schedule by name; its learning-rate and step arguments come from the fields above.
   config.lr_schedule = 'constant_schedule'
+  # Further arguments of the schedule (e.g. alpha for cosine_decay_schedule).
+  config.lr_schedule_kwargs = ml_collections.ConfigDict()
 
   # --- Training ---------------------------------------------------------------------------
   config.seed = 0  # Seeds the initialization and the order of the examples.

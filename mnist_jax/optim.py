@@ -22,7 +22,7 @@ def create_schedule(config: ml_collections.ConfigDict, total_steps: int) -> opta
   make = getattr(optax, config.lr_schedule)
   accepted = inspect.signature(make).parameters
   kwargs = {k: v for k, v in _schedule_defaults(config, total_steps).items() if k in accepted}
-  kwargs.update(config.get('lr_schedule_kwargs', {}))
+  kwargs.update(config.lr_schedule_kwargs)
   return make(**kwargs)
 
 
