@@ -6,6 +6,7 @@ Any config field can be overridden: `--config.learning_rate=3e-4 --config.num_ep
 import datetime
 import os
 import pathlib
+import re
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data: no C++ chatter.
@@ -50,6 +51,20 @@ def default_workdir(config_path: str) -> str:
   return str(pathlib.Path('workdirs') / f'{pathlib.Path(config_path).stem}-{stamp}')
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, but a bad flag or config key is one line on stderr and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split())
+    typo = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', text)
+    if typo:
+      text = f'the config has no field {typo[2]!r}; did you mean {typo[1]!r}?'
+    print(f'error: {text} (python run.py --help lists the flags and config fields)',
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -69,4 +84,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
