@@ -14,6 +14,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from mnist_jax import distributed
@@ -75,7 +76,8 @@ def main(argv):
       raise app.UsageError('--distributed needs --workdir (every process must use the same).')
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
-  print(f'workdir: {workdir}', flush=True)
+  if jax.process_index() == 0:
+    print(f'workdir: {workdir}', flush=True)
   try:
     MODES[FLAGS.mode](FLAGS.config, workdir)
   except errors.UserError as e:

@@ -81,7 +81,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in models.available():
     raise errors.ConfigError(f'config.model.name={config.model.name!r} is invalid: expected '
                              f"one of {', '.join(models.available())}.")
-  if config.batch_size % jax.device_count():
-    raise errors.ConfigError(
-        f'config.batch_size={config.batch_size} is invalid: expected a multiple of the '
-        f'device count ({jax.device_count()}).')
+  for field in ('batch_size', 'eval_batch_size'):  # Both are split over all devices.
+    if config[field] % jax.device_count():
+      raise errors.ConfigError(
+          f'config.{field}={config[field]} is invalid: expected a multiple of the '
+          f'device count ({jax.device_count()}).')

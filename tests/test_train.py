@@ -139,7 +139,8 @@ def test_same_config_gives_the_same_params(runs):
   assert (runs['device']['summary']['param_fingerprint'] ==
           runs['device_again']['summary']['param_fingerprint'])
   assert runs['device']['records'] == [
-      dict(r, examples_per_sec=a['examples_per_sec'], elapsed_s=a['elapsed_s'])
+      dict(r, examples_per_sec=a['examples_per_sec'], elapsed_s=a['elapsed_s'],
+           epoch_seconds=a['epoch_seconds'])
       for r, a in zip(runs['device_again']['records'], runs['device']['records'])]
 
 

@@ -1,0 +1,228 @@
+"""configs/cnn.py: the CNN model by name, its shapes and parameter count, and runs on mock data.
+
+Also an optimizer chosen by name with arguments, and a decaying schedule whose length the run
+fills in, trained through `train.train_and_evaluate`.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import REPO_ROOT
+from conftest import load_config_module
+from mnist_jax import models
+from mnist_jax import optim
+from mnist_jax import train
+from mnist_jax.models import cnn
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+CNN_CONFIG_PATH = REPO_ROOT / 'configs' / 'cnn.py'
+
+
+def cnn_param_count(features, hidden_sizes, kernel_size=3, in_channels=1, side=28,
+                    num_classes=NUM_CLASSES) -> int:
+  """By hand: 'SAME' convs keep H and W, each 2x2/2 max-pool halves them (rounding down)."""
+  count, channels = 0, in_channels
+  for f in features:
+    count += kernel_size * kernel_size * channels * f + f
+    channels, side = f, side // 2
+  width = side * side * channels
+  for h in hidden_sizes:
+    count += width * h + h
+    width = h
+  return count + width * num_classes + num_classes
+
+
+def cnn_config():
+  config = load_config_module(CNN_CONFIG_PATH).get_config()
+  config.cache_dir = 'none'
+  config.download = False
+  return config
+
+
+def init_shapes(model) -> dict:
+  """The parameters' shapes, without computing them."""
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)))
+  return variables['params']
+
+
+def test_model_is_chosen_by_name():
+  config = cnn_config()
+  assert config.model.name == 'cnn'
+  assert 'cnn' in models.available() and 'mlp' in models.available()
+  model = models.build(config.model, NUM_CLASSES)
+  assert type(model) is cnn.Model  # pylint: disable=unidiomatic-typecheck
+  # Every other field of config.model reaches the module.
+  assert tuple(model.features) == (32, 64) and tuple(model.hidden_sizes) == (128,)
+  assert (model.kernel_size, model.dropout_rate, model.activation) == (3, 0.0, 'relu')
+  assert model.num_classes == NUM_CLASSES
+
+
+def test_output_shape_and_dtype():
+  """configs/cnn.py's model on a batch (random parameters of the right shapes: no init compile)."""
+  model = models.build(cnn_config().model, NUM_CLASSES)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0.0, 0.05, s.shape).astype(s.dtype),
+                        init_shapes(model))
+  images = np.random.default_rng(0).random((5, *IMAGE_SHAPE), np.float32)
+  logits = jax.jit(model.apply)({'params': params}, images)
+  assert logits.shape == (5, NUM_CLASSES)
+  assert logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+
+
+def test_parameter_shapes_and_count():
+  params = init_shapes(models.build(cnn_config().model, NUM_CLASSES))
+  shapes = {k: {n: v.shape for n, v in layer.items()} for k, layer in params.items()}
+  assert shapes == {'Conv_0': {'kernel': (3, 3, 1, 32), 'bias': (32,)},
+                    'Conv_1': {'kernel': (3, 3, 32, 64), 'bias': (64,)},
+                    'Dense_0': {'kernel': (7 * 7 * 64, 128), 'bias': (128,)},
+                    'Dense_1': {'kernel': (128, 10), 'bias': (10,)}}
+  expected = (3 * 3 * 1 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (
+      128 * 10 + 10)
+  assert expected == 421_642
+  assert sum(x.size for x in jax.tree.leaves(params)) == expected
+  assert cnn_param_count((32, 64), (128,)) == expected
+
+
+@pytest.mark.parametrize('features, hidden_sizes', [
+    ((4, 8), (16,)),
+    ((4, 8, 16), ()),  # 28 -> 14 -> 7 -> 3: the third pool rounds down.
+    ((5,), (6, 7)),
+])
+def test_parameter_count_follows_the_fields(features, hidden_sizes):
+  config = ml_collections.ConfigDict(dict(name='cnn', features=features,
+                                          hidden_sizes=hidden_sizes))
+  model = models.build(config, NUM_CLASSES)
+  params = init_shapes(model)
+  assert sum(x.size for x in jax.tree.leaves(params)) == cnn_param_count(features, hidden_sizes)
+  logits = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((2, *IMAGE_SHAPE)))
+  assert logits.shape == (2, NUM_CLASSES)
+
+
+def test_dropout_only_in_training():
+  # No conv block (features=()): the dropout after the hidden layer, without a conv to compile.
+  config = ml_collections.ConfigDict(dict(name='cnn', features=(), hidden_sizes=(64,),
+                                          dropout_rate=0.5))
+  model = models.build(config, NUM_CLASSES)
+  images = np.random.default_rng(1).random((3, *IMAGE_SHAPE), np.float32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)['params']
+  apply_jit = jax.jit(model.apply, static_argnames='train')
+  apply = lambda key, train: apply_jit({'params': params}, images, train=train,
+                                       rngs={'dropout': jax.random.PRNGKey(key)})
+  np.testing.assert_array_equal(apply(1, False), apply(2, False))  # Evaluation: no dropout.
+  assert not np.allclose(apply(1, True), apply(2, True))  # Training: masks from the rng.
+  np.testing.assert_array_equal(apply(1, True), apply(1, True))
+
+
+# --- Runs on mock data ----------------------------------------------------------------------
+
+NUM_EXAMPLES = 40  # Per split (mock data).
+BATCH_SIZE = 16  # 3 steps an epoch; the last holds 8 real examples.
+STEPS_PER_EPOCH = 3
+
+
+def read(workdir, name):
+  return json.loads((workdir / name).read_text())
+
+
+@pytest.mark.slow
+def test_small_cnn_trains_one_epoch_on_mock_data(tmp_path):
+  config = cnn_config()
+  config.model.features = (4, 8)
+  config.model.hidden_sizes = (16,)
+  config.num_epochs = 1
+  config.batch_size = BATCH_SIZE
+  config.eval_batch_size = 20
+  config.write_report = False
+  workdir = tmp_path / 'workdir'
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    returned = train.train_and_evaluate(config, str(workdir))
+  summary = read(workdir, 'summary.json')
+  assert summary == returned
+  expected = (3 * 3 * 1 * 4 + 4) + (3 * 3 * 4 * 8 + 8) + (7 * 7 * 8 * 16 + 16) + (16 * 10 + 10)
+  assert summary['num_params'] == expected == cnn_param_count((4, 8), (16,)) == 6_794
+  assert summary['steps'] == STEPS_PER_EPOCH and summary['epochs'] == 1
+  assert np.isfinite(summary['test_loss']) and np.isfinite(summary['train_loss'])
+  assert 0.0 <= summary['test_accuracy'] <= 1.0
+  written = read(workdir, 'config.json')
+  assert written['model']['name'] == 'cnn' and written['model']['features'] == [4, 8]
+  assert written['optimizer'] == 'adam'
+  assert len((workdir / 'metrics.jsonl').read_text().splitlines()) == 1
+
+
+def test_optimizer_and_schedule_by_name_train_on_mock_data(tmp_path, mlp_config, monkeypatch):
+  """adamw with weight decay and a cosine decay over the run's steps, end to end."""
+  config = mlp_config
+  config.model.hidden_sizes = (8,)
+  config.num_epochs = 2
+  config.batch_size = BATCH_SIZE
+  config.eval_batch_size = 20
+  config.write_report = False
+  config.write_tensorboard = False
+  config.optimizer = 'adamw'
+  config.optimizer_kwargs = ml_collections.ConfigDict(dict(weight_decay=0.05, b1=0.8))
+  config.lr_schedule = 'cosine_decay_schedule'
+  calls = []
+  original = optim.create_schedule
+  def create_schedule(config, total_steps):
+    calls.append(total_steps)
+    return original(config, total_steps)
+  monkeypatch.setattr(optim, 'create_schedule', create_schedule)
+  workdir = tmp_path / 'workdir'
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    summary = train.train_and_evaluate(config, str(workdir))
+  assert calls == [2 * STEPS_PER_EPOCH]  # The schedule spans the whole run.
+  assert summary['steps'] == 2 * STEPS_PER_EPOCH
+  assert np.isfinite(summary['test_loss'])
+  written = read(workdir, 'config.json')
+  assert written['optimizer'] == 'adamw'
+  assert written['optimizer_kwargs'] == {'weight_decay': 0.05, 'b1': 0.8}
+  assert written['lr_schedule'] == 'cosine_decay_schedule'
+
+
+def test_schedule_decay_steps_default_to_total_steps(mlp_config):
+  mlp_config.learning_rate = 2e-3
+  mlp_config.lr_schedule = 'cosine_decay_schedule'
+  total = 30
+  schedule = optim.create_schedule(mlp_config, total_steps=total)
+  assert float(schedule(0)) == pytest.approx(2e-3, rel=1e-6)
+  assert float(schedule(total // 2)) == pytest.approx(1e-3, rel=1e-5)  # Half-way down the cosine.
+  assert float(schedule(total)) == pytest.approx(0.0, abs=1e-9)
+  assert float(schedule(total + 10)) == pytest.approx(0.0, abs=1e-9)  # Stays at the end value.
+  np.testing.assert_allclose(
+      [schedule(s) for s in range(total + 1)],
+      [optax.cosine_decay_schedule(2e-3, decay_steps=total)(s) for s in range(total + 1)])
+
+
+def test_schedule_kwargs_override_the_defaults(mlp_config):
+  mlp_config.lr_schedule = 'cosine_decay_schedule'
+  mlp_config.lr_schedule_kwargs = dict(alpha=0.1)  # End at 10% of the peak instead of 0.
+  schedule = optim.create_schedule(mlp_config, total_steps=10)
+  assert float(schedule(10)) == pytest.approx(1e-4, rel=1e-5)
+
+
+def test_optimizer_by_name_gets_its_arguments(mlp_config):
+  """adamw(weight_decay) on a zero gradient only decays: p <- p * (1 - lr * weight_decay)."""
+  mlp_config.optimizer = 'adamw'
+  mlp_config.learning_rate = 0.1
+  mlp_config.optimizer_kwargs = ml_collections.ConfigDict(dict(weight_decay=0.5))
+  mlp_config.lr_schedule = 'cosine_decay_schedule'
+  tx = optim.create_optimizer(mlp_config, total_steps=4)
+  params = {'w': jnp.array([1.0, -2.0, 4.0])}
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  expected = np.asarray(params['w'])
+  for step in range(4):
+    updates, state = tx.update(zeros, state, params)
+    params = optax.apply_updates(params, updates)
+    lr = 0.1 * 0.5 * (1 + np.cos(np.pi * step / 4))  # The schedule at this step.
+    expected = expected * (1 - lr * 0.5)
+    np.testing.assert_allclose(params['w'], expected, rtol=1e-6)
