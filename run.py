@@ -56,7 +56,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, but a bad flag or config key is one line on stderr and exit status 2."""
   try:
     return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
     text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split())
     typo = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', text)
     if typo:
@@ -69,6 +69,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    config = FLAGS.config
+    config.keys()  # A --config file that failed to load raises here, on first use.
+  except OSError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # The run prints its own progress; -v 0 for more.
   if FLAGS.distributed:
@@ -79,7 +85,7 @@ def main(argv):
   if jax.process_index() == 0:
     print(f'workdir: {workdir}', flush=True)
   try:
-    MODES[FLAGS.mode](FLAGS.config, workdir)
+    MODES[FLAGS.mode](config, workdir)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(e.exit_code)

@@ -119,17 +119,24 @@ def _epoch_line(record: dict, num_epochs: int) -> str:
           f"{record['examples_per_sec']:,.0f} ex/s  {record['elapsed_s']:.1f}s")
 
 
-def _check_finite(per_step: dict, first_step: int) -> None:
-  """Stops the run at the first step whose loss or gradient norm is NaN or Inf."""
-  for name in ('loss', 'grad_norm'):
-    values = np.asarray(per_step[name])
-    values_RxK = values.reshape(-1, values.shape[-1])  # R replicas (1 for a single run).
-    bad = np.flatnonzero(~np.isfinite(values_RxK).all(axis=0))
-    if bad.size:
+def _check_finite(unchecked: list) -> None:
+  """Stops the run at the first step whose loss or gradient norm is NaN or Inf.
+
+  `unchecked` holds (per_step, first step) of every call since the last check, oldest first;
+  it is emptied. Checking them all (not only the last call) names the first bad step.
+  """
+  for per_step, first_step in unchecked:
+    values = {name: np.asarray(per_step[name]) for name in ('loss', 'grad_norm')}
+    values = {k: v.reshape(-1, v.shape[-1]) for k, v in values.items()}  # R replicas x K.
+    bad_K = ~np.all([np.isfinite(v).all(axis=0) for v in values.values()], axis=0)
+    if bad_K.any():
+      k = int(np.flatnonzero(bad_K)[0])
+      what = ', '.join(f'{name} is {v[:, k].tolist()}' for name, v in values.items()
+                       if not np.isfinite(v[:, k]).all())
       raise NonFiniteError(
-          f'{name} is {values_RxK[:, bad[0]].tolist()} at step {first_step + bad[0] + 1}; '
-          'stopping without saving this state (the last checkpoint is kept). Lower the '
-          'learning rate or check the data.')
+          f'{what} at step {first_step + k + 1}; stopping without saving this state (the last '
+          'checkpoint is kept). Lower the learning rate or check the data.')
+  unchecked.clear()
 
 
 def _write_header(workdir: pathlib.Path, config, run: Setup) -> None:
@@ -209,20 +216,25 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
     progress.start_epoch(epoch + 1)
     chunks = mode.epoch_chunks(epoch, start=step - epoch * spe)
     examples = sum(int(chunk['mask'].sum()) for chunk in chunks)
+    unchecked = []  # (per_step, first step) of the calls not yet checked for NaN/Inf.
     for chunk, args in zip(chunks, mode.train_inputs(chunks)):
       state, sums, per_step = mode.train_call(state, *args)
       epoch_sums = steps.add_sums(epoch_sums, sums)
       previous, step = step, step + mode.real_steps(chunk)
+      unchecked.append((per_step, previous))
       if progress.due():
         progress.update(step - epoch * spe, *_running(epoch_sums))
-      if preemption.requested or (every and step // every > previous // every and step % spe):
-        _check_finite(per_step, previous)
+      # A SIGTERM in an epoch's last call waits for the epoch's end (evaluation, record, sums
+      # reset), so the checkpoint never holds a finished epoch whose record is missing.
+      stop_now = preemption.requested and step % spe
+      if stop_now or (every and step // every > previous // every and step % spe):
+        _check_finite(unchecked)
         ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
-      if preemption.requested:
+      if stop_now:
         progress.close()
         raise Preempted(f'SIGTERM: saved the checkpoint at step {step} in {ckpt.directory}; '
                         'run again with the same --workdir to continue from it.')
-    _check_finite(per_step, previous)  # Also waits for the epoch to finish.
+    _check_finite(unchecked)  # Also waits for the epoch to finish.
     epoch_seconds = time.perf_counter() - epoch_start
     train_seconds += epoch_seconds
     record = dict(epoch=epoch + 1, **metrics.summarize(epoch_sums, 'train_'),
@@ -233,6 +245,10 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
     epoch_sums = mode.zero_sums()
     ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
     progress.end_epoch(_epoch_line(record, config.num_epochs))
+    if preemption.requested and epoch + 1 < config.num_epochs:
+      progress.close()
+      raise Preempted(f'SIGTERM: saved the checkpoint at step {step} in {ckpt.directory}; '
+                      'run again with the same --workdir to continue from it.')
   return state, record, train_seconds
 
 

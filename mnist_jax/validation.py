@@ -1,5 +1,6 @@
 """Config validation: every bad value is refused before any data is loaded or compiled."""
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +79,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _lookup(config, path)
     if value is not _MISSING and not ok(value):
       raise errors.ConfigError(f'config.{path}={value!r} is invalid: expected {allowed}.')
+  _check_optimizer_kwargs(config)
   if config.model.name not in models.available():
     raise errors.ConfigError(f'config.model.name={config.model.name!r} is invalid: expected '
                              f"one of {', '.join(models.available())}.")
@@ -86,3 +88,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(
           f'config.{field}={config[field]} is invalid: expected a multiple of the '
           f'device count ({jax.device_count()}).')
+
+
+def _check_optimizer_kwargs(config: ml_collections.ConfigDict) -> None:
+  """optax.<optimizer> must take learning_rate plus config.optimizer_kwargs (e.g. sgd has no
+  decay or eps, which the default config's RMSprop needs)."""
+  make = getattr(optax, config.optimizer)
+  kwargs = dict(config.optimizer_kwargs)
+  try:
+    inspect.signature(make).bind(learning_rate=1.0, **kwargs)
+  except TypeError as e:
+    accepted = ', '.join(p for p in inspect.signature(make).parameters if p != 'learning_rate')
+    raise errors.ConfigError(
+        f'config.optimizer_kwargs={kwargs} is invalid for optax.{config.optimizer} ({e}): '
+        f'expected arguments among: {accepted}; --config.optimizer_kwargs={{}} for none.'
+    ) from None

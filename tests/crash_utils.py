@@ -1,0 +1,393 @@
+"""Crash-safety helpers: run `run.py` in a child process on TFDS mock data, with faults injected.
+
+A run is `python run.py --config=configs/mlp.py ...` in a separate process (the MOCK_WRAPPER idea of
+test_run_cli.py: run.py executed with `runpy` inside `tfds.testing.mock_data`), so a SIGKILL or a
+SIGTERM hits a real process and its exit status is what a shell would see. Importing TensorFlow,
+TFDS, JAX and Orbax costs 5-10 s per process on a small machine, so the processes are forked from
+a multiprocessing fork server that imported them once; each child then starts JAX's backend,
+compiles and trains on its own, exactly as a fresh `python run.py` would.
+
+What a child can do besides running run.py (all by wrapping functions in the child only):
+  * record every real train step to a JSON-lines file, flushed after each call: the global step,
+    its loss and gradient norm, and the example indices of its batch (the data order);
+  * write fingerprints of the final TrainState (params, optimizer state, step, RNG) to a file;
+  * inject faults (`Fault`): SIGKILL or SIGTERM itself at the Nth train call, before or right
+    after the Nth `Checkpointer.save` (the asynchronous write still in flight), inside Orbax's
+    write path (its temporary folder just created, or fully written but not yet renamed into
+    place), or poison the parameters with NaN before the Nth train call.
+
+Used by tests/test_crash_safety.py and benchmarks/stress_resume.py.
+"""
+
+import atexit
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import re
+import runpy
+import signal
+import sys
+import time
+from typing import Any
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MLP_CONFIG_PATH = REPO_ROOT / 'configs' / 'mlp.py'
+
+# The tiny job every crash test runs: 36 mock examples in batches of 8 are 5 steps an epoch (the
+# last batch holds 4 real examples), 15 steps in 3 epochs; calls of 2 steps, so every epoch ends
+# with a padded call, and the calls after a mid-epoch restart are not aligned like the original's.
+NUM_EXAMPLES = 36
+BATCH_SIZE = 8
+NUM_EPOCHS = 3
+STEPS_PER_EPOCH = -(-NUM_EXAMPLES // BATCH_SIZE)  # 5
+TOTAL_STEPS = NUM_EPOCHS * STEPS_PER_EPOCH  # 15
+KEEP = 2
+CONFIG = {
+    'model.hidden_sizes': '(8,)',
+    'batch_size': BATCH_SIZE,
+    'eval_batch_size': 12,
+    'num_epochs': NUM_EPOCHS,
+    'steps_per_call': 2,
+    'checkpoint_every_steps': 2,
+    'checkpoint_keep': KEEP,
+    'input_mode': 'device',
+    'download': False,
+    'write_report': False,
+    'write_tensorboard': False,
+}
+TMP_MARK = 'tmp'  # Orbax names an unfinished checkpoint '<step>.orbax-checkpoint-tmp'.
+
+_PRELOAD = ['tensorflow', 'tensorflow_datasets', 'jax', 'optax', 'flax.linen', 'orbax.checkpoint',
+            'ml_collections.config_flags', 'absl.app', 'mnist_jax.train', 'crash_utils']
+
+
+def config_args(cache_dir: str | os.PathLike = 'none', **overrides) -> list[str]:
+  """run.py flags for the tiny job; `overrides` are more config fields (dots as '__')."""
+  fields = dict(CONFIG, cache_dir=str(cache_dir), **{k.replace('__', '.'): v
+                                                     for k, v in overrides.items()})
+  return [f'--config={MLP_CONFIG_PATH}'] + [f'--config.{k}={v}' for k, v in fields.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+  """Where the child hurts itself, and how.
+
+  at: 'train_call' (after the nth train call returned), 'before_train_call', 'save' (before the
+      nth Checkpointer.save), 'saved' (right after the nth save returned, its asynchronous write
+      in flight), 'tmp_created' (inside Orbax: the nth checkpoint's temporary folder was just
+      created, no array written yet), 'before_commit' (inside Orbax: the nth checkpoint is
+      written into its temporary folder and about to be renamed into place).
+  n: 1-based count of such events in this process.
+  do: 'KILL' (SIGKILL), 'TERM' (SIGTERM, as a preemption notice) or 'NAN' (NaN parameters; only
+      with at='before_train_call').
+  """
+  at: str
+  n: int
+  do: str = 'KILL'
+
+  def __post_init__(self):
+    if self.at not in AT or self.do not in ('KILL', 'TERM', 'NAN') or self.n < 1 or (
+        (self.do == 'NAN') != (self.at == 'before_train_call')):
+      raise ValueError(f'not a fault: {self}')
+
+  def describe(self) -> str:
+    return f'{self.do}@{self.at}#{self.n}'
+
+
+AT = ('train_call', 'before_train_call', 'save', 'saved', 'tmp_created', 'before_commit')
+
+
+@dataclasses.dataclass
+class Result:
+  returncode: int
+  stdout: str
+  stderr: str
+  seconds: float
+
+  @property
+  def killed(self) -> bool:
+    return self.returncode == -signal.SIGKILL
+
+  def resumed_from(self) -> int | None:
+    match = re.search(r'resumed from the checkpoint at step (\d+)', self.stdout)
+    return int(match.group(1)) if match else None
+
+  def error_lines(self) -> list[str]:
+    return [line for line in self.stderr.splitlines() if line.startswith('error:')]
+
+  def has_traceback(self) -> bool:
+    return 'Traceback' in self.stdout or 'Traceback' in self.stderr
+
+  def explain(self) -> str:
+    return (f'exit {self.returncode} after {self.seconds:.1f}s\n--- stdout ---\n'
+            f'{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-5000:]}')
+
+
+class Runner:
+  """Starts run.py children from a fork server that already imported the heavy libraries."""
+
+  def __init__(self, log_dir: str | os.PathLike):
+    self.log_dir = pathlib.Path(log_dir)
+    self.log_dir.mkdir(parents=True, exist_ok=True)
+    self._ctx = multiprocessing.get_context('forkserver')
+    tests_dir = str(pathlib.Path(__file__).resolve().parent)
+    if tests_dir not in sys.path:  # The fork server imports crash_utils from sys.path.
+      sys.path.insert(0, tests_dir)
+    self._ctx.set_forkserver_preload(_PRELOAD)
+    self._count = 0
+
+  def start(self, workdir, args, *, faults=(), record=None, state_file=None,
+            num_examples: int = NUM_EXAMPLES, script=REPO_ROOT / 'run.py') -> 'Child':
+    self._count += 1
+    logs = self.log_dir / f'run{self._count:03d}'
+    for path in (record, state_file):
+      if path:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    spec = dict(workdir=str(workdir) if workdir else None, args=list(args),
+                faults=[dataclasses.asdict(f) for f in faults],
+                record=str(record) if record else None,
+                state_file=str(state_file) if state_file else None,
+                num_examples=num_examples, script=str(script), stdout=f'{logs}.out',
+                stderr=f'{logs}.err')
+    process = self._ctx.Process(target=_child_main, args=(spec,), daemon=True)
+    process.start()
+    return Child(process, spec)
+
+  def run(self, workdir, args, *, timeout: float = 180, kill_after: float | None = None,
+          **kwargs) -> Result:
+    return self.start(workdir, args, **kwargs).wait(timeout, kill_after=kill_after)
+
+
+class Child:
+
+  def __init__(self, process, spec):
+    self.process, self.spec, self._start = process, spec, time.perf_counter()
+
+  def wait(self, timeout: float = 180, *, kill_after: float | None = None) -> Result:
+    """Waits for the child; `kill_after` seconds after its start, SIGKILLs it from outside."""
+    if kill_after is not None:
+      self.process.join(max(0.0, kill_after - (time.perf_counter() - self._start)))
+      if self.process.exitcode is None:
+        os.kill(self.process.pid, signal.SIGKILL)
+    self.process.join(timeout)
+    if self.process.exitcode is None:
+      self.process.kill()
+      self.process.join()
+      raise TimeoutError(f'run.py child did not finish in {timeout}s: {self.spec}\n'
+                         f'{_read(self.spec["stdout"])}\n{_read(self.spec["stderr"])[-3000:]}')
+    return Result(self.process.exitcode, _read(self.spec['stdout']), _read(self.spec['stderr']),
+                  time.perf_counter() - self._start)
+
+
+def _read(path) -> str:
+  try:
+    return pathlib.Path(path).read_text(errors='replace')
+  except FileNotFoundError:
+    return ''
+
+
+# --- Inside the child ---------------------------------------------------------------------
+
+def _child_main(spec: dict) -> None:
+  for fd, path in ((1, spec['stdout']), (2, spec['stderr'])):
+    with open(path, 'w') as f:
+      os.dup2(f.fileno(), fd)
+  sys.stdout.reconfigure(line_buffering=True)
+  sys.stderr.reconfigure(line_buffering=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_platforms', 'cpu')  # Bit-exact comparisons are made on the CPU.
+  _install_hooks(spec)
+  os.chdir(REPO_ROOT)
+  argv = ['run.py', *spec['args']] + ([f'--workdir={spec["workdir"]}'] if spec['workdir'] else [])
+  sys.argv = argv
+  try:
+    with tfds.testing.mock_data(num_examples=spec['num_examples']):
+      runpy.run_path(spec['script'], run_name='__main__')
+  finally:
+    atexit._run_exitfuncs()  # pylint: disable=protected-access  (a forked child skips them)
+
+
+def _kill(how: str) -> None:
+  sys.stdout.flush()
+  os.kill(os.getpid(), {'KILL': signal.SIGKILL, 'TERM': signal.SIGTERM}[how])
+  if how == 'KILL':
+    time.sleep(60)  # Never reached.
+
+
+class _Faults:
+
+  def __init__(self, faults: list[dict]):
+    self.faults = faults
+    self.counts = {}
+
+  def hit(self, at: str) -> list[str]:
+    """Counts an event; returns what the faults planned for it do."""
+    self.counts[at] = self.counts.get(at, 0) + 1
+    return [f['do'] for f in self.faults if f['at'] == at and f['n'] == self.counts[at]]
+
+  def fire(self, at: str) -> None:
+    for do in self.hit(at):
+      _kill(do)
+
+
+def _install_hooks(spec: dict) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  from mnist_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mnist_jax import input_modes  # pylint: disable=g-import-not-at-top
+  from mnist_jax import metrics  # pylint: disable=g-import-not-at-top
+  from mnist_jax import train  # pylint: disable=g-import-not-at-top
+
+  faults = _Faults(spec['faults'])
+  record = open(spec['record'], 'a') if spec['record'] else None
+
+  original_train_call = input_modes._Mode.train_call  # pylint: disable=protected-access
+
+  def train_call(self, state, *args):
+    nan = 'NAN' in faults.hit('before_train_call')
+    # Before the call: the state is donated. (With config.num_seeds > 1 everything has a
+    # leading replica axis; the replicas step together and replica 0 is recorded.)
+    first = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+    if nan:
+      state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+    plan = args[-1]
+    mask = np.asarray(jax.device_get(plan['mask']))
+    mask = mask.reshape(-1, *mask.shape[-2:])[0]
+    index = None
+    if 'index' in plan:
+      index = np.asarray(jax.device_get(plan['index']))
+      index = index.reshape(-1, *index.shape[-2:])[0]
+    state, sums, per_step = original_train_call(self, state, *args)
+    if record:
+      loss, grad_norm = (np.asarray(jax.device_get(per_step[k])).reshape(-1, len(mask))[0]
+                         for k in ('loss', 'grad_norm'))
+      step = first
+      for k in range(len(mask)):
+        if mask[k].any():  # Padded (empty) steps are no-ops and not steps.
+          step += 1
+          record.write(json.dumps(dict(
+              step=step, loss=float(loss[k]), grad_norm=float(grad_norm[k]),
+              index=None if index is None else index[k][mask[k] > 0].tolist())) + '\n')
+      record.flush()
+    faults.fire('train_call')
+    return state, sums, per_step
+
+  input_modes._Mode.train_call = train_call  # pylint: disable=protected-access
+
+  original_save = checkpoint.Checkpointer.save
+
+  def save(self, step, item):
+    faults.fire('save')
+    original_save(self, step, item)
+    faults.fire('saved')
+
+  checkpoint.Checkpointer.save = save
+
+  original_create = atomicity.AtomicRenameTemporaryPath.create
+  original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def create(self):
+    path = await original_create(self)
+    if self.get_final().name.isdigit():  # The step folder (not an item folder inside it).
+      faults.fire('tmp_created')
+    return path
+
+  async def finalize(self):
+    if self.get_final().name.isdigit():
+      faults.fire('before_commit')
+    return await original_finalize(self)
+
+  atomicity.AtomicRenameTemporaryPath.create = create
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+  if spec['state_file']:
+    original_finish = train._finish  # pylint: disable=protected-access
+
+    def finish(workdir, config, run, state, *args, **kwargs):
+      metrics.write_json(pathlib.Path(spec['state_file']), state_fingerprints(state))
+      return original_finish(workdir, config, run, state, *args, **kwargs)
+
+    train._finish = finish  # pylint: disable=protected-access
+
+
+def state_fingerprints(state) -> dict[str, Any]:
+  """sha256 of each part of a TrainState: equal iff bit-identical."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mnist_jax import metrics  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+  return dict(step=step, params=metrics.fingerprint(state.params),
+              opt_state=metrics.fingerprint(state.opt_state),
+              rng=metrics.fingerprint(jax.random.key_data(state.rng)
+                                      if jax.dtypes.issubdtype(state.rng.dtype,
+                                                               jax.dtypes.prng_key)
+                                      else state.rng))
+
+
+# --- Reading what a run left ---------------------------------------------------------------
+
+def read_steps(path) -> dict[int, dict]:
+  """The recorded train steps by global step; a step run again after a restart: the later wins."""
+  steps = {}
+  if pathlib.Path(path).exists():
+    for line in pathlib.Path(path).read_text().splitlines():
+      if line.strip():
+        record = json.loads(line)
+        steps[record['step']] = record
+  return steps
+
+
+def checkpoint_dir(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / 'checkpoints'
+
+
+def step_folders(workdir) -> list[int]:
+  """Finished checkpoints, by folder name (what Orbax lists as steps)."""
+  folder = checkpoint_dir(workdir)
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() \
+      else []
+
+
+def tmp_entries(workdir) -> list[str]:
+  """Anything with 'tmp' in its name under the checkpoint folder, at any depth."""
+  folder = checkpoint_dir(workdir)
+  return sorted(str(p.relative_to(folder)) for p in folder.rglob('*')
+                if TMP_MARK in p.name.lower()) if folder.exists() else []
+
+
+def tree_digest(folder) -> dict[str, str]:
+  """sha256 of every file under `folder`, by relative path."""
+  folder = pathlib.Path(folder)
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def read_json(path) -> dict:
+  return json.loads(pathlib.Path(path).read_text())
+
+
+def compare_steps(reference: dict[int, dict], other: dict[int, dict]) -> list[str]:
+  """Differences between two step records (all of the reference's steps must be there)."""
+  problems = []
+  for step in sorted(reference):
+    if step not in other:
+      problems.append(f'step {step}: missing')
+      continue
+    for key in ('index', 'loss', 'grad_norm'):
+      if reference[step][key] != other[step][key]:
+        problems.append(f'step {step}: {key} {other[step][key]!r} != reference '
+                        f'{reference[step][key]!r}')
+  problems += [f'step {s}: extra' for s in sorted(set(other) - set(reference))]
+  return problems
+
+
+def data_files(step_folder) -> list[pathlib.Path]:
+  """The array data files of a checkpoint (OCDBT data blocks), largest first."""
+  files = [p for p in pathlib.Path(step_folder).rglob('*')
+           if p.is_file() and p.parent.name == 'd']
+  return sorted(files, key=lambda p: -p.stat().st_size)
