@@ -120,22 +120,26 @@ def _epoch_line(record: dict, num_epochs: int) -> str:
 
 
 def _check_finite(unchecked: list) -> None:
-  """Stops the run at the first step whose loss or gradient norm is NaN or Inf.
+  """Stops the run at the first step whose loss, or whose gradient update, is NaN or Inf.
 
-  `unchecked` holds (per_step, first step) of every call since the last check, oldest first;
-  it is emptied. Checking them all (not only the last call) names the first bad step.
+  `unchecked` holds (per_step, first step, last step) of every call since the last check,
+  oldest first; it is emptied. Checking them all (not only the last call) names the first bad
+  step. Non-finite gradients poison the parameters and so every later loss: if a call's losses
+  are finite but its final parameters are not, the bad update was its last step.
   """
-  for per_step, first_step in unchecked:
-    values = {name: np.asarray(per_step[name]) for name in ('loss', 'grad_norm')}
-    values = {k: v.reshape(-1, v.shape[-1]) for k, v in values.items()}  # R replicas x K.
-    bad_K = ~np.all([np.isfinite(v).all(axis=0) for v in values.values()], axis=0)
-    if bad_K.any():
-      k = int(np.flatnonzero(bad_K)[0])
-      what = ', '.join(f'{name} is {v[:, k].tolist()}' for name, v in values.items()
-                       if not np.isfinite(v[:, k]).all())
-      raise NonFiniteError(
-          f'{what} at step {first_step + k + 1}; stopping without saving this state (the last '
-          'checkpoint is kept). Lower the learning rate or check the data.')
+  for per_step, first_step, last_step in unchecked:
+    loss = np.asarray(per_step['loss'])
+    loss_RxK = loss.reshape(-1, loss.shape[-1])  # R replicas (1 for a single run).
+    bad = np.flatnonzero(~np.isfinite(loss_RxK).all(axis=0))
+    if bad.size:
+      what, step = f'loss is {loss_RxK[:, bad[0]].tolist()}', first_step + bad[0] + 1
+    elif not np.all(per_step['params_finite']):
+      what, step = 'gradients are non-finite (the update made the parameters NaN/Inf)', last_step
+    else:
+      continue
+    raise NonFiniteError(
+        f'{what} at step {step}; stopping without saving this state (the last checkpoint is '
+        'kept). Lower the learning rate or check the data.')
   unchecked.clear()
 
 
@@ -221,7 +225,7 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
       state, sums, per_step = mode.train_call(state, *args)
       epoch_sums = steps.add_sums(epoch_sums, sums)
       previous, step = step, step + mode.real_steps(chunk)
-      unchecked.append((per_step, previous))
+      unchecked.append((per_step, previous, step))
       if progress.due():
         progress.update(step - epoch * spe, *_running(epoch_sums))
       # A SIGTERM in an epoch's last call waits for the epoch's end (evaluation, record, sums

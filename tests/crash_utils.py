@@ -264,14 +264,13 @@ def _install_hooks(spec: dict) -> None:
       index = index.reshape(-1, *index.shape[-2:])[0]
     state, sums, per_step = original_train_call(self, state, *args)
     if record:
-      loss, grad_norm = (np.asarray(jax.device_get(per_step[k])).reshape(-1, len(mask))[0]
-                         for k in ('loss', 'grad_norm'))
+      loss = np.asarray(jax.device_get(per_step['loss'])).reshape(-1, len(mask))[0]
       step = first
       for k in range(len(mask)):
         if mask[k].any():  # Padded (empty) steps are no-ops and not steps.
           step += 1
           record.write(json.dumps(dict(
-              step=step, loss=float(loss[k]), grad_norm=float(grad_norm[k]),
+              step=step, loss=float(loss[k]),
               index=None if index is None else index[k][mask[k] > 0].tolist())) + '\n')
       record.flush()
     faults.fire('train_call')
@@ -378,7 +377,7 @@ def compare_steps(reference: dict[int, dict], other: dict[int, dict]) -> list[st
     if step not in other:
       problems.append(f'step {step}: missing')
       continue
-    for key in ('index', 'loss', 'grad_norm'):
+    for key in ('index', 'loss'):
       if reference[step][key] != other[step][key]:
         problems.append(f'step {step}: {key} {other[step][key]!r} != reference '
                         f'{reference[step][key]!r}')

@@ -401,7 +401,7 @@ def _restore_raw(workdir, step):
 def _first_bad_step(record):
   steps = cu.read_steps(record)
   return min(s for s, r in steps.items()
-             if not (math.isfinite(r['loss']) and math.isfinite(r['grad_norm'])))
+             if not math.isfinite(r['loss']))
 
 
 @pytest.mark.parametrize('name, bad_step', [('nan_injected', 6), ('lr_explodes', None)])
@@ -414,7 +414,7 @@ def test_non_finite_loss_stops_without_saving_it(runs, name, bad_step):
   assert result.returncode == 1, result.explain()
   assert not result.has_traceback(), result.explain()
   [line] = result.error_lines()
-  assert re.search(rf'error: (loss|grad_norm) is .* at step {bad};', line), line
+  assert re.search(rf'error: (loss is|gradients are) .* at step {bad};', line), line
   assert not (run['workdir'] / 'summary.json').exists()
   # Only checkpoints from before the bad step (the last good ones), whole, and the newest
   # restores to finite values.
