@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -144,6 +143,19 @@ def measure_mode(config_path: str, mode: str, peak: float, epochs: int) -> dict:
       test_accuracy=result['test_accuracy'])
 
 
+def timed_process(command: list[str], env: dict, cwd=REPO) -> tuple[float, int]:
+  """Runs a command; returns its wall seconds and its own peak RSS in KB (from wait4)."""
+  start = time.perf_counter()
+  process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+  stderr = process.stderr.read()
+  _, status, usage = os.wait4(process.pid, 0)
+  wall = time.perf_counter() - start
+  if os.waitstatus_to_exitcode(status):
+    raise RuntimeError(f'{command} failed: {stderr.decode()[-2000:]}')
+  return wall, usage.ru_maxrss
+
+
 def whole_process(config_path: str) -> list[dict]:
   """`python run.py` twice in one fresh cache: cold (decode + compile), then warm."""
   runs = []
@@ -151,17 +163,12 @@ def whole_process(config_path: str) -> list[dict]:
     env = dict(os.environ, MNIST_JAX_CACHE=os.path.join(tmp, 'cache'), TF_CPP_MIN_LOG_LEVEL='2')
     for name in ('cold', 'warm'):
       workdir = os.path.join(tmp, name)
-      before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-      start = time.perf_counter()
-      subprocess.run([sys.executable, str(REPO / 'run.py'), f'--config={config_path}',
-                      f'--workdir={workdir}'], env=env, check=True, capture_output=True,
-                     cwd=REPO)
-      wall = time.perf_counter() - start
-      rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+      wall, rss_kb = timed_process([sys.executable, str(REPO / 'run.py'),
+                                    f'--config={config_path}', f'--workdir={workdir}'], env)
       summary = json.loads(pathlib.Path(workdir, 'summary.json').read_text())
       epochs = [json.loads(l)['epoch_seconds']
                 for l in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
-      runs.append(dict(run=name, wall_s=wall, peak_rss_mb=max(rss, before) / 1024,
+      runs.append(dict(run=name, wall_s=wall, peak_rss_mb=rss_kb / 1024,
                        train_s=summary['train_seconds'],
                        compile_overhead_s=epochs[0] - statistics.median(epochs[1:]),
                        test_accuracy=summary['test_accuracy']))
@@ -173,16 +180,16 @@ def references() -> list[dict]:
   rows = []
   for script, python in (('reference_keras.py', sys.executable),
                          ('reference_torch.py', FLAGS.torch_python)):
-    start = time.perf_counter()
-    done = subprocess.run([python, str(REPO / 'benchmarks' / script)], capture_output=True,
-                          text=True, cwd=REPO / 'benchmarks',
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-    wall = time.perf_counter() - start
-    if done.returncode:
-      rows.append(dict(script=script, error=done.stderr.strip().splitlines()[-1:]))
+    out = pathlib.Path(tempfile.mkdtemp()) / 'out.json'
+    command = ['sh', '-c', f'exec "{python}" "{REPO / "benchmarks" / script}" > "{out}"']
+    try:
+      wall, rss_kb = timed_process(command, dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+                                   cwd=REPO / 'benchmarks')
+    except RuntimeError as e:
+      rows.append(dict(script=script, error=str(e).strip().splitlines()[-1:]))
       continue
-    rows.append(dict(json.loads(done.stdout.strip().splitlines()[-1]), script=script,
-                     wall_s=wall))
+    rows.append(dict(json.loads(out.read_text().strip().splitlines()[-1]), script=script,
+                     wall_s=wall, peak_rss_mb=rss_kb / 1024))
   return rows
 
 
@@ -229,7 +236,7 @@ def print_table(result: dict) -> None:
 def main(argv):
   del argv
   peak = matmul_peak(repeats=5 if FLAGS.quick else 20)
-  epochs = 5 if FLAGS.quick else 7
+  epochs = 5  # The notebook's job; steady state is the median of epochs 2-5.
   result = dict(machine=machine(), config=FLAGS.config, matmul_peak_gflops=peak,
                 modes=[measure_mode(FLAGS.config, mode, peak, epochs) for mode in FLAGS.modes])
   if FLAGS.whole_process:

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = 'adam'
   config.learning_rate = 1e-3
   config.optimizer_kwargs = ml_collections.ConfigDict()
+  config.lr_schedule = 'cosine_decay_schedule'  # From 1e-3 down to 0 over the 5 epochs.
 
   # --- Training ---------------------------------------------------------------------------
   # XLA:CPU runs convolutions inside a loop ~10x slower than unrolled: unroll short calls.
