@@ -93,11 +93,14 @@ def main(argv):
 
 
 def _exit(code: int) -> None:
-  """Exits without the interpreter's teardown, which TensorFlow makes take over a second.
-
-  Everything the run writes is closed by now (checkpoints waited for, writers closed); only
-  the standard streams need flushing.
+  """Exits; as the program itself, without the interpreter's teardown (over a second of
+  TensorFlow's). Everything the run writes is closed by now (checkpoints waited for, writers
+  closed); only the standard streams need flushing. Run from other code (runpy, tests), it
+  raises SystemExit as usual.
   """
+  program = sys.orig_argv[1] if len(sys.orig_argv) > 1 else ''  # What `python` was given.
+  if pathlib.Path(program).resolve() != pathlib.Path(__file__).resolve():
+    sys.exit(code)
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()

@@ -10,7 +10,7 @@ after a random train call, just before or just after a random checkpoint save (i
 write then in flight), inside Orbax's write (temporary folder just made, or written and not yet
 renamed), SIGKILL from outside after a random number of seconds, or now and then a SIGTERM.
 Each restart is hurt again with probability --again, until a start finishes. A run passes when
-its final parameters, optimizer state and RNG, and every step's batch, loss and gradient norm,
+its final parameters, optimizer state and RNG, and every step's batch and loss,
 equal the reference's bit for bit, and it ends with exactly 2 checkpoints and no temporary
 folders.
 
