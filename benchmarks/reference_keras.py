@@ -28,12 +28,16 @@ def read_idx(path: pathlib.Path):
   return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def main():
+def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser()
   parser.add_argument('--idx_dir', default=str(pathlib.Path(__file__).resolve().parents[2]
                                                / 'shared' / 'data' / 'mnist_idx'))
   parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args()
+  return parser.parse_args()
+
+
+def main():
+  args = parse_args()
   import keras  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(args.seed)
   d = pathlib.Path(args.idx_dir)

@@ -6,7 +6,6 @@ Same model, RMSprop(lr=1e-3, alpha=0.9, eps=1e-7), 5 epochs, batch 128, shuffled
 Prints one JSON line: training seconds, test accuracy, whole-process seconds.
 """
 
-import argparse
 import json
 import pathlib
 import resource
@@ -14,15 +13,11 @@ import time
 
 START = time.perf_counter()
 
-from reference_keras import read_idx  # pylint: disable=g-import-not-at-top
+from reference_keras import parse_args, read_idx  # pylint: disable=g-import-not-at-top
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--idx_dir', default=str(pathlib.Path(__file__).resolve().parents[2]
-                                               / 'shared' / 'data' / 'mnist_idx'))
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args()
+  args = parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(args.seed)
   d = pathlib.Path(args.idx_dir)
