@@ -143,17 +143,22 @@ def measure_mode(config_path: str, mode: str, peak: float, epochs: int) -> dict:
       test_accuracy=result['test_accuracy'])
 
 
+# Runs a command from a small launcher process and prints its peak RSS: a child forked straight
+# from this (large) benchmark process would report this process's memory as its own.
+_LAUNCHER = ("import resource, subprocess, sys; "
+             "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
 def timed_process(command: list[str], env: dict, cwd=REPO) -> tuple[float, int]:
-  """Runs a command; returns its wall seconds and its own peak RSS in KB (from wait4)."""
+  """Runs a command; returns its wall seconds and its own peak RSS in KB."""
   start = time.perf_counter()
-  process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-  stderr = process.stderr.read()
-  _, status, usage = os.wait4(process.pid, 0)
+  done = subprocess.run([sys.executable, '-c', _LAUNCHER, *command], env=env, cwd=cwd,
+                        capture_output=True, text=True)
   wall = time.perf_counter() - start
-  if os.waitstatus_to_exitcode(status):
-    raise RuntimeError(f'{command} failed: {stderr.decode()[-2000:]}')
-  return wall, usage.ru_maxrss
+  if done.returncode:
+    raise RuntimeError(f'{command} failed: {done.stderr[-2000:]}')
+  return wall, int(done.stdout.split()[-1])
 
 
 def whole_process(config_path: str) -> list[dict]:
