@@ -10,7 +10,8 @@ matmul peak (measured here, in the same run), the 5-epoch training time from the
 the end of the last epoch with compilation included, and test accuracy. Then the whole process
 `python run.py --config=...` twice in a fresh cache (cold: decodes the data and compiles; warm:
 reuses both): wall time, peak memory (max RSS) and the compile overhead of its first epoch. Then
-how the cost grows: seconds per epoch at batch 128/512/2048 and hidden width 512/2048.
+how the cost grows: seconds per epoch at batch 128/512/2048 and hidden width 512/2048, and for
+N = 1, 4, 16 seeds trained at once (`num_seeds`, per replica vs N separate runs).
 
 Works unchanged on a GPU or TPU (the peak is then the device's f32 matmul rate).
 """
@@ -123,7 +124,7 @@ def time_epochs(config, num_epochs: int) -> dict:
     jax.block_until_ready((state, per_step))
     epoch_seconds.append(time.perf_counter() - start)
   test = mode.evaluate(state)
-  acc = float(test['correct'] / test['count'])
+  acc = float(np.mean(test['correct'] / test['count']))
   return dict(run=run, epoch_seconds=epoch_seconds, test_accuracy=acc)
 
 
@@ -209,6 +210,17 @@ def scaling(config_path: str) -> list[dict]:
   return rows
 
 
+def seeds_scaling(config_path: str, counts=(1, 4, 16)) -> list[dict]:
+  """N replicas in one vmapped program: steady seconds per epoch, and per replica."""
+  rows = []
+  for n in counts:
+    config = load_config(config_path, input_mode='device', num_seeds=n)
+    seconds = time_epochs(config, 3)['epoch_seconds']
+    rows.append(dict(num_seeds=n, s_per_epoch=min(seconds[1:]),
+                     s_per_epoch_per_replica=min(seconds[1:]) / n))
+  return rows
+
+
 def print_table(result: dict) -> None:
   m = result['machine']
   print(f"\nmachine: {m['cpu']}, {m['cores']} cores; {m['backend']} {m['device']} x"
@@ -231,6 +243,10 @@ def print_table(result: dict) -> None:
       print(f"reference {r['framework']}: training {r['fit_s']:.2f}s, whole process "
             f"{r['wall_s']:.2f}s wall, peak RSS {r['peak_rss_mb']:.0f} MB, test acc "
             f"{r['test_accuracy']:.4f}")
+  for r in result.get('seeds', []):
+    print(f"num_seeds {r['num_seeds']:3d}: {r['s_per_epoch']:.3f} s/epoch, "
+          f"{r['s_per_epoch_per_replica']:.3f} s/epoch per replica "
+          '(N separate runs: N x the num_seeds=1 figure)')
   if result.get('scaling'):
     print('\nscaling (device mode, steady s/epoch):')
     for r in result['scaling']:
@@ -249,6 +265,7 @@ def main(argv):
   if FLAGS.references:
     result['references'] = references()
   if not FLAGS.quick:
+    result['seeds'] = seeds_scaling(FLAGS.config)
     result['scaling'] = scaling(FLAGS.config)
   print_table(result)
   print(json.dumps(result))
