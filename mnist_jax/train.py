@@ -279,6 +279,8 @@ def _finish(workdir, config, run: Setup, state, record, train_seconds, start, is
         metrics.fingerprint(replica(state.params, i, config.num_seeds))
         for i in range(config.num_seeds)]
   if is_writer:
+    # Written before the report too, so a failing report (e.g. a broken matplotlib) still
+    # leaves the run's results; rewritten after it with the final total time.
     metrics.write_json(workdir / 'summary.json', summary)
     if config.write_report:
       _write_report(workdir, config, run, state, summary)
