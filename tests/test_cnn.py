@@ -84,7 +84,7 @@ def test_parameter_shapes_and_count():
   assert shapes == {'Conv_0': {'kernel': (3, 3, 1, 32), 'bias': (32,)},
                     'Conv_1': {'kernel': (3, 3, 32, 64), 'bias': (64,)},
                     'Dense_0': {'kernel': (7 * 7 * 64, 128), 'bias': (128,)},
-                    'Dense_1': {'kernel': (128, 10), 'bias': (10,)}}
+                    'Dense_1': {'kernel': (10, 128), 'bias': (10,)}}  # Stored transposed.
   expected = (3 * 3 * 1 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (
       128 * 10 + 10)
   assert expected == 421_642

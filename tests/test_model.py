@@ -1,5 +1,6 @@
 """The model of configs/mlp.py: shapes, parameter count, Keras's initialisation, the forward pass."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from mnist_jax import models
+from mnist_jax.models import layers
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -38,7 +40,7 @@ def test_parameter_count_matches_keras_notebook(mlp_params):
   _, params = mlp_params
   shapes = {k: {n: v.shape for n, v in layer.items()} for k, layer in params.items()}
   assert shapes == {'Dense_0': {'kernel': (784, 512), 'bias': (512,)},
-                    'Dense_1': {'kernel': (512, 10), 'bias': (10,)}}
+                    'Dense_1': {'kernel': (10, 512), 'bias': (10,)}}  # Stored transposed.
   assert sum(x.size for x in jax.tree.leaves(params)) == 407_050
   assert 784 * 512 + 512 + 512 * 10 + 10 == 407_050
 
@@ -50,6 +52,8 @@ def test_parameter_count_matches_keras_notebook(mlp_params):
 def test_kernels_are_glorot_uniform(mlp_params, layer, fan_in, fan_out, var_rtol):
   _, params = mlp_params
   kernel = np.asarray(params[layer]['kernel'], np.float64)
+  if layer == 'Dense_1':
+    kernel = kernel.T  # The logits layer stores its kernel [classes, features].
   limit = np.sqrt(6.0 / (fan_in + fan_out))
   assert kernel.shape == (fan_in, fan_out)
   assert np.abs(kernel).max() <= limit
@@ -78,7 +82,7 @@ def test_forward_pass_matches_numpy(mlp_params):
   params['Dense_1']['bias'] = rng.normal(size=10).astype(np.float32) * 0.1
   x = images.reshape(3, -1).astype(np.float64)
   hidden = np.maximum(x @ params['Dense_0']['kernel'] + params['Dense_0']['bias'], 0.0)
-  expected = hidden @ params['Dense_1']['kernel'] + params['Dense_1']['bias']
+  expected = hidden @ params['Dense_1']['kernel'].T + params['Dense_1']['bias']
   logits = model.apply({'params': params}, images, train=False)
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
 
@@ -88,7 +92,24 @@ def test_model_fields_come_from_config():
                                           kernel_init='zeros', bias_init='ones'))
   model = models.build(config, 3)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 1)))['params']
-  assert [params[f'Dense_{i}']['kernel'].shape for i in range(3)] == [(4, 7), (7, 5), (5, 3)]
+  assert [params[f'Dense_{i}']['kernel'].shape for i in range(3)] == [(4, 7), (7, 5), (3, 5)]
   # Zero kernels and unit biases: every logit is 1, whatever the input.
   logits = model.apply({'params': params}, np.ones((2, 2, 2, 1), np.float32))
   np.testing.assert_array_equal(logits, np.ones((2, 3)))
+
+
+@pytest.mark.parametrize('init', ['glorot_uniform', 'lecun_normal'])
+def test_logits_layer_is_nn_dense_with_a_transposed_kernel(init):
+  """Same initial values (drawn [features, classes], even for fan-in-only initializers) and
+  the same outputs as nn.Dense, from the same rng."""
+  x = np.random.default_rng(0).normal(size=(6, 20)).astype(np.float32)
+  kwargs = dict(kernel_init=models.initializer(init), bias_init=models.initializer('ones'))
+  dense = nn.Dense(3, **kwargs)
+  logits = layers.Logits(3, **kwargs)
+  dense_params = dense.init(jax.random.PRNGKey(4), x)['params']
+  logits_params = logits.init(jax.random.PRNGKey(4), x)['params']
+  assert logits_params['kernel'].shape == (3, 20)
+  np.testing.assert_array_equal(logits_params['kernel'], dense_params['kernel'].T)
+  np.testing.assert_array_equal(logits_params['bias'], dense_params['bias'])
+  np.testing.assert_allclose(logits.apply({'params': logits_params}, x),
+                             dense.apply({'params': dense_params}, x), rtol=1e-6, atol=1e-6)

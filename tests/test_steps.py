@@ -133,7 +133,7 @@ def test_loss_is_mean_cross_entropy_by_hand(tiny):
   batch = golden_batch()
   x = batch['image'].reshape(4, -1).astype(np.float64) / 255.0
   hidden = np.maximum(x @ params['Dense_0']['kernel'] + params['Dense_0']['bias'], 0)
-  logits = hidden @ params['Dense_1']['kernel'] + params['Dense_1']['bias']
+  logits = hidden @ params['Dense_1']['kernel'].T + params['Dense_1']['bias']
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   expected_loss = -log_probs[np.arange(4), batch['label']].sum()
   expected_correct = (logits.argmax(-1) == batch['label']).sum()

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from mnist_jax import models
+from mnist_jax.models import layers
 
 
 class Model(nn.Module):
@@ -31,4 +32,5 @@ class Model(nn.Module):
     for size in self.hidden_sizes:
       x = act(nn.Dense(size, **inits)(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, **inits)(x)
+    # Named as nn.Dense would be, so it gets the same parameter names and initial values.
+    return layers.Logits(self.num_classes, **inits, name=f'Dense_{len(self.hidden_sizes)}')(x)

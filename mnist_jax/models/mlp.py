@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from mnist_jax import models
+from mnist_jax.models import layers
 
 
 class Model(nn.Module):
@@ -23,4 +24,7 @@ class Model(nn.Module):
     x_BxD = images_BxHxWxC.reshape((images_BxHxWxC.shape[0], -1))
     for size in self.hidden_sizes:
       x_BxD = models.activation(self.activation)(dense(size)(x_BxD))
-    return dense(self.num_classes)(x_BxD)
+    # Named as nn.Dense would be, so it gets the same parameter names and initial values.
+    return layers.Logits(self.num_classes, kernel_init=models.initializer(self.kernel_init),
+                         bias_init=models.initializer(self.bias_init),
+                         name=f'Dense_{len(self.hidden_sizes)}')(x_BxD)
