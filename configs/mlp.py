@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_async = True  # Write checkpoints in the background while training goes on.
 
   # --- Logging ----------------------------------------------------------------------------
-  config.write_tensorboard = True  # Also write TensorBoard event files (clu).
+  config.write_tensorboard = True  # Also write TensorBoard event files (tensorboardX).
   config.write_report = True  # Write report.png and report.md at the end.
 
   return config

@@ -14,12 +14,12 @@ import os
 import pathlib
 import socket
 import concurrent.futures
+import functools
 from collections.abc import Iterator
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+import tensorflow_datasets as tfds  # Imports TensorFlow lazily, when it first needs it.
 
 from mnist_jax import errors
 
@@ -45,9 +45,17 @@ class DatasetNotFound(errors.UserError):
   pass
 
 
-def hide_gpus_from_tensorflow() -> None:
-  """TensorFlow only feeds data here; it must not reserve accelerator memory that JAX needs."""
+@functools.cache
+def tensorflow():
+  """TensorFlow, imported on first use, with the GPUs hidden from it.
+
+  TensorFlow only decodes and feeds data here; it must not reserve accelerator memory that
+  JAX needs. Importing it costs seconds, so a run that needs no TensorFlow (decoded data
+  cached, input_mode='device') does not import it at all.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
+  return tf
 
 
 def resolve_data_dir(data_dir: str) -> str | None:
@@ -129,6 +137,7 @@ def _load_split(builder, split: str, download: bool, cache_dir: pathlib.Path | N
 
 
 def _decode(builder, split: str, download: bool) -> Split:
+  tensorflow()  # Before TFDS imports it, so the GPUs are hidden first.
   load = lambda: tfds.load(builder.name, split=split, data_dir=builder.data_dir_root,
                            download=False)
   try:
@@ -179,6 +188,7 @@ def tf_batches(split: Split, chunks: list[dict[str, np.ndarray]]) -> Iterator[di
 
   Yields dicts with 'image' [K, B, H, W, C] uint8, 'label' [K, B] int32, 'mask' [K, B].
   """
+  tf = tensorflow()
   images, labels = tf.constant(split.image), tf.constant(split.label)
   stacked = {k: np.stack([c[k] for c in chunks]) for k in ('index', 'mask')}
   ds = tf.data.Dataset.from_tensor_slices(stacked)

@@ -8,12 +8,12 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
-from clu import metric_writers
 import flax
 import jax
 import jaxlib
 import numpy as np
 import optax
+import tensorboardX
 
 
 def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -73,15 +73,19 @@ def read_history(workdir: pathlib.Path) -> list[dict]:
 
 
 class MetricLogger:
-  """Scalars to TensorBoard event files (clu) and to `metrics.jsonl`, one record per write."""
+  """Scalars to TensorBoard event files and to `metrics.jsonl`, one record per write.
+
+  The event files come from tensorboardX (protobuf and numpy only): clu's metric writers, and
+  TensorBoard's own writer where TensorFlow is installed, import TensorFlow, which would add
+  seconds to every run that otherwise needs none (benchmarks/train_speed.py, README).
+  """
 
   def __init__(self, workdir: pathlib.Path, *, tensorboard: bool, enabled: bool = True):
     self._enabled = enabled
     if not enabled:
       return
     self._jsonl = open(workdir / 'metrics.jsonl', 'a')
-    self._writer = (metric_writers.SummaryWriter(str(workdir))
-                    if tensorboard else None)
+    self._writer = tensorboardX.SummaryWriter(str(workdir)) if tensorboard else None
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -89,8 +93,10 @@ class MetricLogger:
     self._jsonl.write(json.dumps(dict(step=step, **scalars)) + '\n')
     self._jsonl.flush()
     if self._writer:
-      self._writer.write_scalars(step, {k: v for k, v in scalars.items()
-                                        if k != 'epoch' and isinstance(v, (int, float))})
+      for key, value in scalars.items():
+        if key != 'epoch' and isinstance(value, (int, float)):
+          self._writer.add_scalar(key, value, step)
+      self._writer.flush()  # A killed run keeps every epoch it logged.
 
   def close(self) -> None:
     if self._enabled:

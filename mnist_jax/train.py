@@ -79,7 +79,6 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   cache_dir = resolve_cache_dir(config.cache_dir)
   if cache_dir:
     enable_compilation_cache(cache_dir)
-  input_pipeline.hide_gpus_from_tensorflow()
   info, splits = input_pipeline.load(
       config.dataset, config.data_dir, (config.train_split, config.eval_split),
       download=config.download, cache_dir=cache_dir)

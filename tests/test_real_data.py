@@ -1,10 +1,13 @@
 """On the real MNIST (skipped with a reason when it is absent): configs/mlp.py learns."""
 
 import json
+import subprocess
 
 import pytest
 
 from mnist_jax import train
+from conftest import MLP_CONFIG_PATH
+from conftest import REPO_ROOT
 
 
 @pytest.mark.slow
@@ -23,3 +26,30 @@ def test_one_epoch_of_mlp_config_reaches_95_percent(mlp_config, real_data_dir, t
   # Accuracy over exactly the 10,000 test examples: a whole number of them.
   assert summary['test_accuracy'] * 10_000 == pytest.approx(round(summary['test_accuracy'] * 10_000),
                                                             abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_a_run_on_cached_data_never_imports_tensorflow(real_data_dir, tmp_path, subprocess_env,
+                                                       python):
+  """Decoding imports TensorFlow once; then device-mode runs (the default) do without it.
+
+  Importing TensorFlow is the largest fixed cost of a run (seconds): `python -X importtime`
+  lists every module a process imports, so its absence is visible from outside.
+  """
+  command = [python, '-X', 'importtime', str(REPO_ROOT / 'run.py'),
+             f'--config={MLP_CONFIG_PATH}', f'--config.data_dir={real_data_dir}',
+             '--config.num_epochs=1', '--config.input_mode=device', '--config.download=False']
+
+  def imported_modules(name):
+    done = subprocess.run(command + [f'--workdir={tmp_path / name}'], env=subprocess_env,
+                          capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert json.loads((tmp_path / name / 'summary.json').read_text())['test_accuracy'] >= 0.95
+    return {line.split('|')[-1].strip() for line in done.stderr.splitlines()
+            if line.startswith('import time:')}
+
+  first, second = imported_modules('first'), imported_modules('second')
+  assert 'tensorflow' in first  # Decoding the TFDS files into the cache.
+  assert 'tensorflow' not in second and not any(m.startswith('keras') for m in second)
+  assert 'jax' in second and 'tensorflow_datasets' in second  # (The check itself works.)
+  assert list((tmp_path / 'second').glob('events.out.tfevents.*'))  # TensorBoard still written.
