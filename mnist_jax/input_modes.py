@@ -136,6 +136,10 @@ class TfDataMode(_Mode):
   train_fns = (steps.train_chunk, steps.train_chunk_replicas)
   eval_fns = (steps.eval_chunk, steps.eval_chunk_replicas)
 
+  def __init__(self, splits, **kwargs):
+    super().__init__(splits, **kwargs)
+    input_pipeline.tensorflow()  # Imported now (seconds), not inside the first epoch.
+
   def _batches(self, split, chunks, batch_axis=None):
     local_chunks = [self.local_columns(chunk) for chunk in chunks]  # Read only our examples.
     for batches in input_pipeline.tf_batches(split, local_chunks):

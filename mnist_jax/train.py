@@ -98,7 +98,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   else:  # Replica i starts exactly as a single run with seed + i would.
     rng = jax.numpy.stack([jax.random.PRNGKey(config.seed + i) for i in range(config.num_seeds)])
     init = jax.vmap(init)
-  state = jax.jit(init, out_shardings=mode.replicated)(rng)
+  # Runs once: XLA's backend optimizations would cost more compile time (~1 s on a CPU, for the
+  # random initializers) than they could ever save. The values are the same.
+  state = jax.jit(init, out_shardings=mode.replicated,
+                  compiler_options=dict(xla_backend_optimization_level=1))(rng)
   num_params = metrics.count_params(state.params) // config.num_seeds
   return Setup(info, mode_name, mode, state, num_params, cache_dir)
 
