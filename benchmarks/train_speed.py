@@ -9,7 +9,7 @@ epochs after the first), examples/s, achieved GFLOP/s and its fraction of this m
 matmul peak (measured here, in the same run), the 5-epoch training time from the first step to
 the end of the last epoch with compilation included (a cold compile: the in-process figures
 never use the persistent compilation cache), the floor for that time (5 epochs of FLOPs at
-100% of the peak), and test accuracy. Then the whole process
+100% of the peak), and test accuracy. Then, per input mode, the whole process
 `python run.py --config=...` twice in a fresh cache (cold: decodes the data and compiles; warm:
 reuses both): wall time, peak memory (max RSS) and the compile overhead of its first epoch. Then
 how the cost grows: seconds per epoch at batch 128/512/2048 and hidden width 512/2048, and for
@@ -44,7 +44,8 @@ from mnist_jax import train
 flags.DEFINE_string('config', str(REPO / 'configs' / 'mlp.py'), 'Config file to benchmark.')
 flags.DEFINE_list('modes', ['device', 'tfdata'], 'Input modes to measure.')
 flags.DEFINE_bool('quick', False, 'Fewer repeats; skip the scaling sweep.')
-flags.DEFINE_bool('whole_process', True, 'Also time `python run.py` end to end (twice).')
+flags.DEFINE_bool('whole_process', True,
+                  'Also time `python run.py` end to end (twice per input mode).')
 flags.DEFINE_string('json_out', '', 'Also write the JSON object to this file.')
 flags.DEFINE_bool('references', True, 'Also time the Keras notebook and the PyTorch version '
                   '(benchmarks/reference_*.py) on the same machine, where importable.')
@@ -165,7 +166,7 @@ def timed_process(command: list[str], env: dict, cwd=REPO) -> tuple[float, int]:
   return wall, int(done.stdout.split()[-1])
 
 
-def whole_process(config_path: str) -> list[dict]:
+def whole_process(config_path: str, mode: str) -> list[dict]:
   """`python run.py` twice in one fresh cache: cold (decode + compile), then warm."""
   runs = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -173,11 +174,12 @@ def whole_process(config_path: str) -> list[dict]:
     for name in ('cold', 'warm'):
       workdir = os.path.join(tmp, name)
       wall, rss_kb = timed_process([sys.executable, str(REPO / 'run.py'),
-                                    f'--config={config_path}', f'--workdir={workdir}'], env)
+                                    f'--config={config_path}', f'--workdir={workdir}',
+                                    f'--config.input_mode={mode}'], env)
       summary = json.loads(pathlib.Path(workdir, 'summary.json').read_text())
       epochs = [json.loads(l)['epoch_seconds']
                 for l in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
-      runs.append(dict(run=name, wall_s=wall, peak_rss_mb=rss_kb / 1024,
+      runs.append(dict(run=name, input_mode=mode, wall_s=wall, peak_rss_mb=rss_kb / 1024,
                        train_s=summary['train_seconds'],
                        compile_overhead_s=epochs[0] - statistics.median(epochs[1:]),
                        test_accuracy=summary['test_accuracy']))
@@ -237,7 +239,7 @@ def print_table(result: dict) -> None:
           f"{r['train_5_epochs_s']:8.2f}s {r['train_5_epochs_at_peak_s']:8.2f}s "
           f"{r['test_accuracy']:9.4f}")
   for r in result.get('whole_process', []):
-    print(f"whole process ({r['run']}): {r['wall_s']:.2f}s wall, peak RSS "
+    print(f"whole process, {r['input_mode']} ({r['run']}): {r['wall_s']:.2f}s wall, peak RSS "
           f"{r['peak_rss_mb']:.0f} MB, training {r['train_s']:.2f}s, first-epoch compile "
           f"overhead {r['compile_overhead_s']:.2f}s, test acc {r['test_accuracy']:.4f}")
   for r in result.get('references', []):
@@ -267,7 +269,8 @@ def main(argv):
   result = dict(machine=machine(), config=FLAGS.config, matmul_peak_gflops=peak,
                 modes=[measure_mode(FLAGS.config, mode, peak, epochs) for mode in FLAGS.modes])
   if FLAGS.whole_process:
-    result['whole_process'] = whole_process(FLAGS.config)
+    result['whole_process'] = [r for mode in FLAGS.modes
+                               for r in whole_process(FLAGS.config, mode)]
   if FLAGS.references:
     result['references'] = references()
   if not FLAGS.quick:
