@@ -122,8 +122,9 @@ def time_epochs(config, num_epochs: int) -> dict:
   for epoch in range(num_epochs):
     start = time.perf_counter()
     chunks = mode.epoch_chunks(epoch)
-    for args in mode.train_inputs(chunks):
-      state, sums, per_step = mode.train_call(state, *args)
+    for chunk, args in zip(chunks, mode.train_inputs(chunks)):
+      state, sums, per_step = mode.train_call(
+          state, *args, guard_empty_steps=mode.guard_empty_steps(chunk))
     jax.block_until_ready((state, per_step))
     epoch_seconds.append(time.perf_counter() - start)
   test = mode.evaluate(state)

@@ -104,8 +104,17 @@ class _Mode:
   def eval_inputs(self):
     raise NotImplementedError
 
-  def train_call(self, state: steps.TrainState, *args):
-    return self.train_fn(state, *args, unroll=self.unroll)
+  def guard_empty_steps(self, chunk: dict[str, np.ndarray]) -> bool:
+    """Whether the call for `chunk` must guard against empty (all-padding) steps.
+
+    Always when the epoch does not split into whole calls (one program for all calls), else
+    only for a chunk that has empty steps (a run resumed mid-epoch, once).
+    """
+    return (self.steps_per_epoch % self.steps_per_call != 0
+            or self.real_steps(chunk) < chunk['mask'].shape[-2])
+
+  def train_call(self, state: steps.TrainState, *args, guard_empty_steps: bool = True):
+    return self.train_fn(state, *args, unroll=self.unroll, guard_empty_steps=guard_empty_steps)
 
   def evaluate(self, state: steps.TrainState):
     return self.eval_fn(state, *self.eval_inputs(), unroll=self.unroll)

@@ -77,8 +77,14 @@ def add_sums(a: Sums, b: Sums) -> Sums:
   return {k: a[k] + b[k] for k in SUM_KEYS}
 
 
-def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], unroll: int):
+def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], unroll: int,
+                guard_empty_steps: bool):
   """Runs train_step over the leading axis of `xs`; a step with no real example is a no-op.
+
+  Chunks are padded with empty steps to keep shapes static; those must not move the optimizer
+  (RMSprop's second moment would still decay on a zero gradient), so with `guard_empty_steps`
+  each step keeps the old state where it had no example. The guard reads and selects the whole
+  state at every step, so callers drop it for chunks without empty steps.
 
   Returns the state, the summed metrics, and for the NaN/Inf check the per-step 'loss' [K]
   and 'params_finite' (whether every parameter is finite after the chunk). Non-finite
@@ -89,9 +95,9 @@ def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], u
   def body(carry, x):
     state, totals = carry
     new_state, sums = train_step(state, get_batch(x))
-    # Chunks are padded with empty steps to keep shapes static; those must not move the
-    # optimizer (RMSprop's second moment would still decay on a zero gradient).
-    state = jax.tree.map(functools.partial(jnp.where, sums['count'] > 0), new_state, state)
+    if guard_empty_steps:
+      new_state = jax.tree.map(functools.partial(jnp.where, sums['count'] > 0), new_state, state)
+    state = new_state
     return (state, add_sums(totals, sums)), sums['loss_mean']
 
   (state, totals), loss_K = jax.lax.scan(body, (state, zero_sums()), xs, unroll=unroll)
@@ -119,14 +125,16 @@ def _identity(batch: Batch) -> Batch:
   return batch
 
 
-def train_batches(state: TrainState, batches: Batch, unroll: int = 1):
+def train_batches(state: TrainState, batches: Batch, unroll: int = 1,
+                  guard_empty_steps: bool = True):
   """Train steps over stacked batches [K, B, ...]; see `_scan_train` for what it returns."""
-  return _scan_train(state, batches, _identity, unroll)
+  return _scan_train(state, batches, _identity, unroll, guard_empty_steps)
 
 
-def train_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1):
+def train_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1,
+                   guard_empty_steps: bool = True):
   """Train steps over planned indices chunk['index'] [K, B] into resident `data`."""
-  return _scan_train(state, chunk, functools.partial(_gather, data), unroll)
+  return _scan_train(state, chunk, functools.partial(_gather, data), unroll, guard_empty_steps)
 
 
 def eval_batches(state: TrainState, batches: Batch, unroll: int = 1) -> Sums:
@@ -140,15 +148,16 @@ def eval_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1)
 def over_replicas(fn: Callable, in_axes: tuple) -> Callable:
   """`fn` for N independent replicas at once: state (and per-replica inputs) stacked [N, ...]."""
 
-  def run(state, *args, unroll: int = 1):
-    return jax.vmap(functools.partial(fn, unroll=unroll), in_axes=in_axes)(state, *args)
+  def run(state, *args, **static):  # unroll (and guard_empty_steps for training).
+    return jax.vmap(functools.partial(fn, **static), in_axes=in_axes)(state, *args)
 
   return run
 
 
 # `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
 # unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
-_jit_train = functools.partial(jax.jit, donate_argnums=0, static_argnames='unroll')
+_jit_train = functools.partial(jax.jit, donate_argnums=0,
+                               static_argnames=('unroll', 'guard_empty_steps'))
 _jit_eval = functools.partial(jax.jit, static_argnames='unroll')
 
 train_chunk = _jit_train(train_batches)

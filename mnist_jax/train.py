@@ -224,7 +224,8 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
     examples = sum(int(chunk['mask'].sum()) for chunk in chunks)
     unchecked = []  # (per_step, first step) of the calls not yet checked for NaN/Inf.
     for chunk, args in zip(chunks, mode.train_inputs(chunks)):
-      state, sums, per_step = mode.train_call(state, *args)
+      state, sums, per_step = mode.train_call(
+          state, *args, guard_empty_steps=mode.guard_empty_steps(chunk))
       epoch_sums = steps.add_sums(epoch_sums, sums)
       previous, step = step, step + mode.real_steps(chunk)
       unchecked.append((per_step, previous, step))

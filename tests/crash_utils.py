@@ -248,7 +248,7 @@ def _install_hooks(spec: dict) -> None:
 
   original_train_call = input_modes._Mode.train_call  # pylint: disable=protected-access
 
-  def train_call(self, state, *args):
+  def train_call(self, state, *args, **kwargs):
     nan = 'NAN' in faults.hit('before_train_call')
     # Before the call: the state is donated. (With config.num_seeds > 1 everything has a
     # leading replica axis; the replicas step together and replica 0 is recorded.)
@@ -262,7 +262,7 @@ def _install_hooks(spec: dict) -> None:
     if 'index' in plan:
       index = np.asarray(jax.device_get(plan['index']))
       index = index.reshape(-1, *index.shape[-2:])[0]
-    state, sums, per_step = original_train_call(self, state, *args)
+    state, sums, per_step = original_train_call(self, state, *args, **kwargs)
     if record:
       loss = np.asarray(jax.device_get(per_step['loss'])).reshape(-1, len(mask))[0]
       step = first

@@ -67,8 +67,8 @@ class _Recorder:
     metrics.fingerprint = fingerprint
 
     original_call = input_modes._Mode.train_call  # pylint: disable=protected-access
-    def train_call(self, state, *args):
-      out = original_call(self, state, *args)
+    def train_call(self, state, *args, **kwargs):
+      out = original_call(self, state, *args, **kwargs)
       recorder.losses.append(np.asarray(out[2]['loss']).tolist())  # Per step of the call.
       return out
     input_modes._Mode.train_call = train_call  # pylint: disable=protected-access

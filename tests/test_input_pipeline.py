@@ -82,3 +82,22 @@ def test_tf_batches_gather_the_planned_examples():
     np.testing.assert_array_equal(batches['image'], split.image[chunk['index']])
     np.testing.assert_array_equal(batches['label'], split.label[chunk['index']])
     np.testing.assert_array_equal(batches['mask'], chunk['mask'])
+
+
+@pytest.mark.parametrize('steps_per_call, start, guarded', [
+    (0, 0, [False]),  # Whole-epoch calls: no empty step, no guard.
+    (0, 150, [True]),  # Resumed mid-epoch: the one chunk is padded with empty steps.
+    (67, 0, [False] * 7),  # 469 = 7 x 67: whole calls.
+    (67, 134, [False] * 5),  # Resumed at a call boundary: still whole calls.
+    (50, 0, [True] * 10),  # 469 = 9 x 50 + 19: one program, guarded, for every call.
+])
+def test_device_mode_guards_exactly_the_calls_that_may_hold_empty_steps(steps_per_call, start,
+                                                                        guarded):
+  from mnist_jax import input_modes  # pylint: disable=g-import-not-at-top
+  split = input_pipeline.Split(np.zeros((60_000, 2, 2, 1), np.uint8), np.zeros(60_000, np.int32))
+  mode = input_modes.create('device', dict(train=split, test=split), train_split='train',
+                            eval_split='test', seed=0, batch_size=128, eval_batch_size=1000,
+                            steps_per_call=steps_per_call)
+  chunks = mode.epoch_chunks(0, start=start)
+  assert [mode.guard_empty_steps(c) for c in chunks] == guarded
+  assert sum(mode.real_steps(c) for c in chunks) == 469 - start

@@ -221,6 +221,28 @@ def test_empty_step_in_train_chunk_is_a_no_op(tiny):
   assert pick(totals) == dict(loss=0.0, correct=0.0, count=0.0)
 
 
+def test_unguarded_chunk_without_empty_steps_equals_the_guarded_one(tiny):
+  """guard_empty_steps=False (chunks with a real example at every step) computes the same."""
+  chunk = stack(padded_batch(garbage_seed=4), dict(padded_batch(garbage_seed=5),
+                                                    mask=np.ones(8, np.float32)))
+  guarded = steps.train_chunk(make_state(tiny), chunk)
+  unguarded = steps.train_chunk(make_state(tiny), chunk, guard_empty_steps=False)
+  assert_trees_equal(host(unguarded[0]), host(guarded[0]))
+  assert pick(unguarded[1]) == pick(guarded[1])
+
+
+def test_without_the_guard_an_empty_step_would_move_the_optimizer(tiny):
+  """Why the guard exists: unguarded, an empty step decays RMSprop's second moment."""
+  state, _ = steps.train_step_jit(make_state(tiny), golden_batch())
+  before = host(state)
+  after = host(steps.train_chunk(state, stack(empty_like(golden_batch())),
+                                 guard_empty_steps=False)[0])
+  assert_trees_equal(after.params, before.params)  # A zero gradient moves no parameter...
+  assert int(after.step) == 2  # ...but the step counts,
+  nu_before, nu_after = (jax.tree.leaves(s.opt_state) for s in (before, after))
+  assert any(np.any(a != b) for a, b in zip(nu_after, nu_before))  # and the moment decays.
+
+
 def test_train_chunk_with_trailing_empty_steps_equals_the_real_steps(tiny):
   """[a, b, empty, empty] ends where [a, b] does, and where two single steps do."""
   batch_a = padded_batch(garbage_seed=4)  # 4 real + 4 padded.
