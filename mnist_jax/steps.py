@@ -97,8 +97,7 @@ def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], u
     new_state, sums = train_step(state, get_batch(x))
     if guard_empty_steps:
       new_state = jax.tree.map(functools.partial(jnp.where, sums['count'] > 0), new_state, state)
-    state = new_state
-    return (state, add_sums(totals, sums)), sums['loss_mean']
+    return (new_state, add_sums(totals, sums)), sums['loss_mean']
 
   (state, totals), loss_K = jax.lax.scan(body, (state, zero_sums()), xs, unroll=unroll)
   params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))

@@ -13,8 +13,9 @@ class Logits(nn.Module):
   Same function and, under the same name, the same initial values as `nn.Dense(num_classes)`:
   the kernel is drawn [features, classes] (so fan-in/fan-out initializers see the usual shape)
   and stored transposed. Why: XLA:CPU computes the weight gradient of a narrow [features, 10]
-  kernel on a slow path; the [10, features] layout makes the notebook's MLP train ~15% faster
-  per epoch on the CPU (benchmarks/train_speed.py). On GPU/TPU either layout is one GEMM.
+  kernel on a slow path; the [10, features] layout made the notebook's MLP train ~10% faster
+  per epoch on a 2-core CPU (benchmarks/train_speed.py). Not measured on a GPU or TPU, where
+  either layout is one matrix multiply.
   """
   features: int
   kernel_init: Callable = nn.initializers.lecun_normal()
