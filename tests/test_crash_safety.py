@@ -44,8 +44,10 @@ class Lab:
   def args(self, **overrides):
     return cu.config_args(self.cache, **overrides)
 
-  def scenario(self, name, starts, *, args=None, before_start=None):
+  def scenario(self, name, starts, *, args=None, args_per_start=None, before_start=None):
     """Starts run.py in one workdir once per item of `starts` (a tuple of faults each).
+
+    `args`: the run.py arguments of every start; `args_per_start`: a list of them, one a start.
 
     `before_start(i, workdir)` runs before start i (to corrupt or copy the workdir). Returns
     every start's Result, the step folders and tmp entries seen after it, and where the
@@ -57,7 +59,8 @@ class Lab:
     for i, faults in enumerate(starts):
       if before_start:
         before_start(i, workdir)
-      result = self.runner.run(workdir, args or self.args(), faults=faults, record=record,
+      start_args = args_per_start[i] if args_per_start else args or self.args()
+      result = self.runner.run(workdir, start_args, faults=faults, record=record,
                                state_file=state)
       out['starts'].append(dict(result=result, faults=faults, steps=cu.step_folders(workdir),
                                 tmp=cu.tmp_entries(workdir)))
@@ -86,6 +89,11 @@ SCENARIOS = {
     # Promise 4: SIGTERM mid-epoch (and at an epoch's last call); 3 checkpoints kept here.
     'sigterm': dict(starts=[(Fault('train_call', 4, 'TERM'),), ()], args=dict(checkpoint_keep=3)),
     'sigterm_epoch_end': dict(starts=[(Fault('train_call', 3, 'TERM'),), ()]),
+    # Stopped mid-epoch with calls of 2 steps (as in a terminal), resumed with whole-epoch calls
+    # (as under nohup): a resumed chunk with empty steps (guarded), then unguarded epochs.
+    'sigterm_then_whole_epochs': dict(
+        starts=[(Fault('train_call', 4, 'TERM'),), ()],
+        args_per_start=[dict(), dict(steps_per_call=0, checkpoint_every_steps=0)]),
     # Promise 5: NaN parameters before the 4th call (steps 6-7); a learning rate that explodes;
     # NaN in a call that is not followed by a save (calls of 1 step, a save every 2).
     'nan_injected': dict(starts=[(Fault('before_train_call', 4, 'NAN'),)]),
@@ -113,7 +121,9 @@ def runs(lab):
 
   def run(name, spec):
     args = lab.args(**spec['args']) if 'args' in spec else None
-    return lab.scenario(name, spec['starts'], args=args, before_start=spec.get('before_start'))
+    args_per_start = [lab.args(**a) for a in spec.get('args_per_start', [])]
+    return lab.scenario(name, spec['starts'], args=args, args_per_start=args_per_start,
+                        before_start=spec.get('before_start'))
 
   with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
     futures = {name: pool.submit(run, name, spec) for name, spec in SCENARIOS.items()}
@@ -375,6 +385,15 @@ def test_sigterm_saves_exits_143_and_resumes_from_that_step(runs):
       f'error: SIGTERM: saved the checkpoint at step 7 in {run["workdir"] / "checkpoints"}; '
       'run again with the same --workdir to continue from it.']
   assert term['steps'][-1] == 7 and term['tmp'] == []
+  assert restart['result'].resumed_from() == 7
+  assert_finished_like(run, get(runs, 'reference'))
+
+
+def test_resuming_mid_epoch_with_whole_epoch_calls_is_bit_identical(runs):
+  """Steps 8-10 run as one call of 5 steps, the last 2 empty (guarded); epoch 3 unguarded."""
+  run = get(runs, 'sigterm_then_whole_epochs')
+  term, restart = run['starts']
+  assert term['result'].returncode == 143, term['result'].explain()
   assert restart['result'].resumed_from() == 7
   assert_finished_like(run, get(runs, 'reference'))
 
