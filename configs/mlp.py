@@ -39,6 +39,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.kernel_init = 'glorot_uniform'  # Any initializer in jax.nn.initializers.
   config.model.bias_init = 'zeros'  # Any initializer in jax.nn.initializers.
 
+  # --- Loss and metrics -------------------------------------------------------------------
+  config.loss = 'softmax_cross_entropy'  # A loss in mnist_jax/losses.py, by name.
+  # Arguments of the loss; label_smoothing spreads this much of the target over all classes.
+  config.loss_kwargs = ml_collections.ConfigDict(dict(label_smoothing=0.0))
+  # Metrics in mnist_jax/metrics.py, by name: summed per example over the real examples and
+  # reported per epoch (the first one heads the epoch line), e.g. ('accuracy', 'top5_accuracy').
+  config.metrics = ('accuracy',)
+
+  # --- Augmentation -----------------------------------------------------------------------
+  # Ops in mnist_jax/augment.py applied on the device to training batches, in order, e.g.
+  # 'shift(2)|rotate(10)|erase(0.5)'; '' for none (the notebook has none).
+  config.augment = ''
+
   # --- Optimizer --------------------------------------------------------------------------
   config.optimizer = 'rmsprop'  # Any optax optimizer, by name.
   config.learning_rate = 1e-3  # Peak learning rate, passed to the schedule.
@@ -48,6 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_schedule = 'constant_schedule'
   # Further arguments of the schedule (e.g. alpha for cosine_decay_schedule).
   config.lr_schedule_kwargs = ml_collections.ConfigDict()
+  # Steps of linear warmup from 0 to the learning rate before the schedule; 0 for none.
+  config.warmup_steps = 0
+  config.grad_clip_norm = 0.0  # Clip gradients to this global norm first; 0 for no clipping.
+  # Weight decay of the kernels (never biases or norm scales): passed to optimizers that take
+  # weight_decay (AdamW-style, decoupled), else added to the gradient (L2, as SGD's); 0: none.
+  config.weight_decay = 0.0
 
   # --- Training ---------------------------------------------------------------------------
   config.seed = 0  # Seeds the initialization and the order of the examples.

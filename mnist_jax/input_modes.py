@@ -18,30 +18,30 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mnist_jax import input_pipeline
+from mnist_jax import metrics
 from mnist_jax import steps
 
 # 'auto' keeps the dataset on the device when it takes at most this many bytes.
 RESIDENT_MAX_BYTES = 1 << 30
 
 
-class _Mode:
-  """Shared planning: which examples each step of an epoch sees, in chunks of steps.
+class InputMode:
+  """Feeds the train and eval steps: plans which examples each step of an epoch sees, in
+  chunks of steps, and calls the jitted chunk functions of `steps` on them.
 
   With `num_replicas` N > 1, N independent runs (seeds seed..seed+N-1) train at once: the state
   and the plan get a leading replica axis [N, ...] and the vmapped chunk functions run.
   """
-  # The jitted chunk functions of `steps` this mode calls: (one run, N replicas).
-  train_fns: tuple = ()
-  eval_fns: tuple = ()
+  resident = False  # Whether the dataset lives on the device (see steps.chunk_fns).
 
   def __init__(self, splits: dict[str, input_pipeline.Split], *, train_split: str,
                eval_split: str, seed: int, batch_size: int, eval_batch_size: int,
-               steps_per_call: int, scan_unroll: int = 1, num_replicas: int = 1):
+               steps_per_call: int, scan_unroll: int = 1, num_replicas: int = 1,
+               task: steps.Task = steps.DEFAULT_TASK):
     self.train, self.eval = splits[train_split], splits[eval_split]
     self.seed, self.batch_size, self.unroll = seed, batch_size, scan_unroll
-    self.num_replicas = num_replicas
-    self.train_fn = self.train_fns[num_replicas > 1]
-    self.eval_fn = self.eval_fns[num_replicas > 1]
+    self.num_replicas, self.task = num_replicas, task
+    self._fns = steps.chunk_fns(self.resident, num_replicas > 1)
     self._batch_axis = 1 if num_replicas == 1 else 2  # Of plan [(N,) K, B] and batch arrays.
     self.steps_per_epoch = math.ceil(len(self.train) / batch_size)
     self.steps_per_call = min(steps_per_call or self.steps_per_epoch, self.steps_per_epoch)
@@ -91,14 +91,15 @@ class _Mode:
   def zero_sums(self):
     """Zero metric sums as global (replicated) arrays, so multi-host checkpoints take them."""
     shape = () if self.num_replicas == 1 else (self.num_replicas,)
-    return self.put_replicated({k: np.zeros(shape, np.float32) for k in steps.SUM_KEYS})
+    return self.put_replicated({k: np.zeros(shape, np.float32)
+                                for k in (*self.task.value_names, metrics.COUNT)})
 
   def put_replicated(self, tree):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
 
   def train_inputs(self, chunks):
-    """Per chunk, the arguments of `train_fn` after the state."""
+    """Per chunk, the arguments of the train chunk function after the state."""
     raise NotImplementedError
 
   def eval_inputs(self):
@@ -114,16 +115,16 @@ class _Mode:
             or self.real_steps(chunk) < chunk['mask'].shape[-2])
 
   def train_call(self, state: steps.TrainState, *args, guard_empty_steps: bool = True):
-    return self.train_fn(state, *args, unroll=self.unroll, guard_empty_steps=guard_empty_steps)
+    return self._fns.train(state, *args, task=self.task, unroll=self.unroll,
+                           guard_empty_steps=guard_empty_steps)
 
   def evaluate(self, state: steps.TrainState):
-    return self.eval_fn(state, *self.eval_inputs(), unroll=self.unroll)
+    return self._fns.evaluate(state, *self.eval_inputs(), task=self.task, unroll=self.unroll)
 
 
-class DeviceMode(_Mode):
+class DeviceMode(InputMode):
   """The dataset lives on the device; each scanned step gathers its batch there."""
-  train_fns = (steps.train_chunk_resident, steps.train_chunk_resident_replicas)
-  eval_fns = (steps.eval_chunk_resident, steps.eval_chunk_resident_replicas)
+  resident = True
 
   def __init__(self, splits, **kwargs):
     super().__init__(splits, **kwargs)
@@ -140,10 +141,8 @@ class DeviceMode(_Mode):
     return (self._eval, self._put_plan(self.eval_chunks[0], batch_axis=1))
 
 
-class TfDataMode(_Mode):
+class TfDataMode(InputMode):
   """tf.data gathers and stacks the planned batches on the host and prefetches them."""
-  train_fns = (steps.train_chunk, steps.train_chunk_replicas)
-  eval_fns = (steps.eval_chunk, steps.eval_chunk_replicas)
 
   def __init__(self, splits, **kwargs):
     super().__init__(splits, **kwargs)
@@ -171,5 +170,5 @@ def resolve(name: str, splits: dict[str, input_pipeline.Split]) -> str:
   return 'device' if nbytes <= RESIDENT_MAX_BYTES else 'tfdata'
 
 
-def create(name: str, splits: dict[str, input_pipeline.Split], **kwargs) -> _Mode:
+def create(name: str, splits: dict[str, input_pipeline.Split], **kwargs) -> InputMode:
   return INPUT_MODES[resolve(name, splits)](splits, **kwargs)

@@ -1,105 +1,81 @@
-"""What a run reports: metric summaries, writers (TensorBoard + JSON lines), fingerprints."""
+"""Metrics by name: per-example functions, summed under the padding mask, divided once.
 
-import hashlib
-import json
-import os
-import pathlib
-import platform
-from collections.abc import Mapping
+`config.metrics = ('accuracy', 'top5_accuracy')` names functions registered here with
+`@metric`. Each maps `(logits_BxC, labels_B)` to one value per example, `[B]`. The steps sum
+every metric (and the loss) over the real examples of each batch (`masked_sums`), the sums
+add up over an epoch, and `summarize` divides by the count of examples once, at the end.
+
+Adding a metric means adding a function here and its name to `config.metrics`: the epoch
+line, metrics.jsonl, TensorBoard, summary.json and the report all follow from that.
+"""
+
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax
 import jax
-import jaxlib
+import jax.numpy as jnp
 import numpy as np
-import optax
-import tensorboardX
+
+METRICS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {}
+COUNT = 'count'  # The number of real examples behind a set of sums.
+
+
+def metric(fn):
+  """Registers `fn` under its name, for `config.metrics`."""
+  METRICS[fn.__name__] = fn
+  return fn
+
+
+@metric
+def accuracy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+  return (jnp.argmax(logits_BxC, axis=-1) == labels_B).astype(jnp.float32)
+
+
+def top_k_accuracy(logits_BxC: jax.Array, labels_B: jax.Array, k: int) -> jax.Array:
+  """1 where the label is among the k largest logits.
+
+  Ties rank the lower class first, as argmax does, so k=1 is exactly `accuracy`.
+  """
+  label_logit_Bx1 = jnp.take_along_axis(logits_BxC, labels_B[:, None], axis=-1)
+  classes_1xC = jnp.arange(logits_BxC.shape[-1])[None, :]
+  ahead_BxC = (logits_BxC > label_logit_Bx1) | ((logits_BxC == label_logit_Bx1)
+                                                & (classes_1xC < labels_B[:, None]))
+  return (jnp.sum(ahead_BxC, axis=-1) < k).astype(jnp.float32)
+
+
+@metric
+def top5_accuracy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+  return top_k_accuracy(logits_BxC, labels_B, 5)
+
+
+def masked_sums(values: Mapping[str, jax.Array], mask_B: jax.Array) -> dict[str, jax.Array]:
+  """Each per-example value [B] summed over the real examples, plus their count."""
+  real_B = mask_B > 0  # `where`, not a product: padding can never leak a NaN into the sums.
+  sums = {k: jnp.sum(jnp.where(real_B, v, 0.0)) for k, v in values.items()}
+  sums[COUNT] = jnp.sum(mask_B)
+  return sums
+
+
+def zero_sums(keys) -> dict[str, jax.Array]:
+  return {k: jnp.zeros(()) for k in (*keys, COUNT)}
+
+
+def add_sums(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  return {k: a[k] + b[k] for k in a}
 
 
 def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """Loss and accuracy from summed metrics (sums over real examples).
+  """Means over the real examples, e.g. {'test_loss': ..., 'test_accuracy': ...}.
 
   Sums with a replica axis [N] give the mean over replicas, plus each replica's value
   (`*_per_replica`) and the standard deviation (`*_std`).
   """
   sums = jax.device_get(sums)
-  count = np.maximum(np.asarray(sums['count'], np.float64), 1.0)
-  values = dict(loss=np.asarray(sums['loss']) / count,
-                accuracy=np.asarray(sums['correct']) / count)
+  count = np.maximum(np.asarray(sums[COUNT], np.float64), 1.0)
+  values = {k: np.asarray(v) / count for k, v in sums.items() if k != COUNT}
   summary = {f'{prefix}{k}': float(np.mean(v)) for k, v in values.items()}
   if count.ndim:
     for k, v in values.items():
       summary[f'{prefix}{k}_per_replica'] = [float(x) for x in v]
       summary[f'{prefix}{k}_std'] = float(np.std(v))
   return summary
-
-
-def count_params(params) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
-
-
-def fingerprint(params) -> str:
-  """sha256 over every parameter's path, dtype, shape and bytes: equal iff bit-identical."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
-    leaf = np.asarray(leaf)
-    digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}'.encode())
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()
-
-
-def versions() -> dict[str, str]:
-  device = jax.devices()[0]
-  return dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
-              flax=flax.__version__, optax=optax.__version__, backend=jax.default_backend(),
-              device=device.device_kind, device_count=str(jax.device_count()),
-              process_count=str(jax.process_count()))
-
-
-def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Writes atomically, so a reader (or a killed run) never sees half a file."""
-  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
-  os.replace(tmp, path)
-
-
-def read_history(workdir: pathlib.Path) -> list[dict]:
-  """The per-epoch records of metrics.jsonl; a resumed run's repeated epoch counts once."""
-  by_epoch = {}
-  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
-    record = json.loads(line)
-    by_epoch[record['epoch']] = record
-  return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-class MetricLogger:
-  """Scalars to TensorBoard event files and to `metrics.jsonl`, one record per write.
-
-  The event files come from tensorboardX (protobuf and numpy only): clu's metric writers, and
-  TensorBoard's own writer where TensorFlow is installed, import TensorFlow, which would add
-  seconds to every run that otherwise needs none (benchmarks/train_speed.py, README).
-  """
-
-  def __init__(self, workdir: pathlib.Path, *, tensorboard: bool, enabled: bool = True):
-    self._enabled = enabled
-    if not enabled:
-      return
-    self._jsonl = open(workdir / 'metrics.jsonl', 'a')
-    self._writer = tensorboardX.SummaryWriter(str(workdir)) if tensorboard else None
-
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    if not self._enabled:
-      return
-    self._jsonl.write(json.dumps(dict(step=step, **scalars)) + '\n')
-    self._jsonl.flush()
-    if self._writer:
-      for key, value in scalars.items():
-        if key != 'epoch' and isinstance(value, (int, float)):
-          self._writer.add_scalar(key, value, step)
-      self._writer.flush()  # A killed run keeps every epoch it logged.
-
-  def close(self) -> None:
-    if self._enabled:
-      self._jsonl.close()
-      if self._writer:
-        self._writer.close()

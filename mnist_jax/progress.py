@@ -4,20 +4,24 @@
   for epoch in range(1, num_epochs + 1):
     progress.start_epoch(epoch)
     for ...:  # After each jitted chunk:
-      progress.update(steps_done, loss, accuracy)
+      progress.update(steps_done, dict(loss=loss, accuracy=accuracy))
     progress.end_epoch(epoch_line)
 
-`loss` and `accuracy` are converted with float() only when a line is drawn, so passing device
-arrays costs a device sync only then; `due()` says whether the next update would draw at all.
+The running values (the loss and a metric or two, by name) are converted with float() only
+when a line is drawn, so passing device arrays costs a device sync only then; `due()` says whether the next update would draw at all.
 """
 
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 _BAR_WIDTH = (10, 30)  # The bar's least and greatest width in characters.
+
+
+def _format(values: Mapping[str, Any]) -> str:
+  return ' '.join(f'{name} {float(value):.4f}' for name, value in values.items())
 
 
 def format_duration(seconds: float) -> str:
@@ -66,16 +70,16 @@ class Progress:
       return True
     return self._clock() - self._last_output >= self._interval
 
-  def update(self, steps_done_in_epoch: int, loss: Any, accuracy: Any) -> None:
+  def update(self, steps_done_in_epoch: int, values: Mapping[str, Any]) -> None:
     now = self._clock()
     if self._first_update is None:
       self._first_update = (now, steps_done_in_epoch)
     if not self.due():
       return
     if self.interactive:
-      self._draw_bar(steps_done_in_epoch, float(loss), float(accuracy), now)
+      self._draw_bar(steps_done_in_epoch, _format(values), now)
     else:
-      self._write(f'{self._status(steps_done_in_epoch, float(loss), float(accuracy), now)}\n')
+      self._write(f'{self._status(steps_done_in_epoch, _format(values), now)}\n')
     self._drawn_in_epoch = True
     self._last_output = now
 
@@ -103,15 +107,15 @@ class Progress:
     rate = self._steps_per_sec(steps, now)
     return format_duration((self._steps_per_epoch - steps) / rate) if rate > 0 else '?'
 
-  def _status(self, steps: int, loss: float, accuracy: float, now: float) -> str:
+  def _status(self, steps: int, values: str, now: float) -> str:
     return (f'epoch {self._epoch}/{self._num_epochs}: {steps}/{self._steps_per_epoch} steps, '
             f'{self._steps_per_sec(steps, now):,.1f} steps/s, ETA {self._eta(steps, now)}, '
-            f'loss {loss:.4f} acc {accuracy:.4f}')
+            f'{values}')
 
-  def _draw_bar(self, steps: int, loss: float, accuracy: float, now: float) -> None:
+  def _draw_bar(self, steps: int, values: str, now: float) -> None:
     head = f'epoch {self._epoch}/{self._num_epochs} '
     tail = (f' {steps}/{self._steps_per_epoch}  {self._steps_per_sec(steps, now):,.1f} steps/s  '
-            f'ETA {self._eta(steps, now)}  loss {loss:.4f} acc {accuracy:.4f}')
+            f'ETA {self._eta(steps, now)}  {values}')
     columns = shutil.get_terminal_size().columns - 1  # A full line would wrap on some terminals.
     width = min(max(columns - len(head) - len(tail) - 2, _BAR_WIDTH[0]), _BAR_WIDTH[1])
     filled = round(width * min(steps / self._steps_per_epoch, 1.0))

@@ -1,5 +1,10 @@
 """A run's report: `report.png` (curves, confusion matrix, worst errors) and `report.md`.
 
+`write_run_report` takes what the run has (its per-epoch history, the test split and the
+model's probabilities on it) and prepares the rest here: the confusion matrix and the most
+confidently wrong examples. The curves and tables show the loss and every metric the
+history holds (config.metrics), so a new metric needs nothing here.
+
 Matplotlib is imported here only, with the Agg canvas: no display is needed.
 """
 
@@ -29,6 +34,36 @@ def _names(config: dict) -> tuple[str, str]:
   if 'learning_rate' in config:
     optimizer += f" lr={config['learning_rate']:g}"
   return model_name, optimizer
+
+
+def metric_names(record: dict) -> list[str]:
+  """'loss', then the metrics of a record in their order (its 'test_<name>' keys)."""
+  names = [k[len('test_'):] for k in record
+           if k.startswith('test_') and not k.endswith(('_std', '_per_replica'))]
+  return ['loss'] + [name for name in names if name != 'loss']
+
+
+def headline(record: dict) -> str:
+  """The metric a title reports: the first one after the loss (else the loss)."""
+  names = metric_names(record)
+  return names[1] if len(names) > 1 else names[0]
+
+
+def confusion_matrix(labels_N: np.ndarray, predicted_N: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+  """Counts [C, C]: rows the true class, columns the predicted one."""
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(confusion, (labels_N, predicted_N), 1)
+  return confusion
+
+
+def worst_errors(images, labels_N, probs_NxC, limit: int = MAX_WORST) -> dict:
+  """The `limit` wrong predictions made with the highest confidence, most confident first."""
+  predicted, confidence = probs_NxC.argmax(-1), probs_NxC.max(-1)
+  wrong = np.flatnonzero(predicted != labels_N)
+  worst = wrong[np.argsort(-confidence[wrong], kind='stable')][:limit]
+  return dict(image=images[worst], label=labels_N[worst], predicted=predicted[worst],
+              confidence=confidence[worst])
 
 
 def _plot_curves(ax, history: list[dict], metric: str) -> None:
@@ -84,8 +119,9 @@ def _plot_worst(fig, cell, worst: dict, num_errors: int) -> None:
 def _title(final: dict, config: dict) -> str:
   model, optimizer = _names(config)
   epochs = f"{final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}"
-  return (f"{config.get('dataset', '')} {model}, {optimizer}: test accuracy "
-          f"{final['test_accuracy']:.4f} after {epochs}").strip()
+  name = headline(final)
+  return (f"{config.get('dataset', '')} {model}, {optimizer}: test {name.replace('_', ' ')} "
+          f"{final[f'test_{name}']:.4f} after {epochs}").strip()
 
 
 def _figure(history, confusion, worst, config) -> Figure:
@@ -93,8 +129,10 @@ def _figure(history, confusion, worst, config) -> Figure:
   FigureCanvasAgg(fig)
   grid = gridspec.GridSpec(2, 2, figure=fig, left=0.05, right=0.97, top=0.9, bottom=0.06,
                            hspace=0.3, wspace=0.15)
-  _plot_curves(fig.add_subplot(grid[0, 0]), history, 'loss')
-  _plot_curves(fig.add_subplot(grid[0, 1]), history, 'accuracy')
+  names = metric_names(history[-1])  # One curve panel each, side by side in the top row.
+  curves = grid[0, :].subgridspec(1, len(names), wspace=0.2)
+  for i, name in enumerate(names):
+    _plot_curves(fig.add_subplot(curves[0, i]), history, name)
   _plot_confusion(fig.add_subplot(grid[1, 0]), confusion)
   _plot_worst(fig, grid[1, 1], worst, int(np.sum(confusion) - np.trace(confusion)))
   fig.suptitle(_title(history[-1], config), fontsize=16)
@@ -102,9 +140,10 @@ def _figure(history, confusion, worst, config) -> Figure:
 
 
 def _final_rows(summary: dict) -> list[tuple[str, str]]:
-  formats = [('test_accuracy', 'test accuracy', '{:.4f}'), ('test_loss', 'test loss', '{:.4f}'),
-             ('train_accuracy', 'train accuracy', '{:.4f}'),
-             ('train_loss', 'train loss', '{:.4f}'), ('epochs', 'epochs', '{}'),
+  names = metric_names(summary)
+  formats = [(f'{split}_{name}', f"{split} {name.replace('_', ' ')}", '{:.4f}')
+             for split in ('test', 'train') for name in names[1:] + names[:1]]
+  formats += [('epochs', 'epochs', '{}'),
              ('steps', 'steps', '{:,}'), ('num_params', 'parameters', '{:,}'),
              ('param_fingerprint', 'parameter fingerprint', '`{}`'),
              ('train_seconds', 'training time', '{:.1f} s'),
@@ -126,14 +165,26 @@ def _markdown(history, summary, config, png_name: str) -> str:
            f'![curves, confusion matrix and worst errors]({png_name})', '',
            '## Final', '', '| | |', '| --- | --- |']
   lines += [f'| {label} | {value} |' for label, value in _final_rows(summary)]
+  columns = [f"{split}_{name}" for split in ('train', 'test')
+             for name in metric_names(history[-1])]
   lines += ['', '## Per epoch', '',
-            '| epoch | train loss | train accuracy | test loss | test accuracy |',
-            '| ---: | ---: | ---: | ---: | ---: |']
-  lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_accuracy']:.4f} | "
-            f"{r['test_loss']:.4f} | {r['test_accuracy']:.4f} |" for r in history]
+            '| epoch | ' + ' | '.join(c.replace('_', ' ') for c in columns) + ' |',
+            '| ---: |' + ' ---: |' * len(columns)]
+  lines += [f"| {r['epoch']} | " + ' | '.join(f'{r[c]:.4f}' for c in columns) + ' |'
+            for r in history]
   lines += ['', '## Config', '', '```json',
             json.dumps(config, indent=2, sort_keys=True, default=str), '```', '']
   return '\n'.join(lines)
+
+
+def write_run_report(workdir: pathlib.Path, history: list[dict], split, probs_NxC: np.ndarray,
+                     summary: dict, config: dict[str, Any]):
+  """The report of a run: `split` holds the test images [N, H, W, C] and labels [N], and
+  `probs_NxC` the model's class probabilities for them."""
+  predicted = probs_NxC.argmax(-1)
+  return write_report(workdir, history,
+                      confusion_matrix(split.label, predicted, probs_NxC.shape[-1]),
+                      worst_errors(split.image, split.label, probs_NxC), summary, config)
 
 
 def write_report(workdir: pathlib.Path, history: list[dict], confusion_CxC: np.ndarray,
@@ -143,7 +194,8 @@ def write_report(workdir: pathlib.Path, history: list[dict], confusion_CxC: np.n
 
   Args:
     workdir: an existing directory.
-    history: one record per epoch: epoch, train_loss, train_accuracy, test_loss, test_accuracy.
+    history: one record per epoch: epoch, and train_<name> and test_<name> for the loss and
+      each metric (e.g. train_loss, train_accuracy, test_loss, test_accuracy).
     confusion_CxC: counts, rows the true class, columns the predicted one.
     worst: image uint8 [M, H, W, C], label [M], predicted [M], confidence [M] (M may be 0).
     summary: the run's summary (summary.json); missing entries are left out.

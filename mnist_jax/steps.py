@@ -1,15 +1,27 @@
-"""The train and eval steps: pure functions of (state, batch), jitted once at module level.
+"""The train and eval steps: pure functions of (state, batch), generic over the task.
 
 A batch is a dict: 'image' uint8 [B, H, W, C], 'label' int32 [B], 'mask' float32 [B] (1 for a
 real example, 0 for padding). Losses are means over the real examples only, so a padded last
 batch counts exactly its real examples, as Keras's smaller last batch does.
 
-Several steps run per jitted call (`lax.scan`), so Python dispatch is paid once per call:
-`train_chunk` scans stacked batches that tf.data prepared; `train_chunk_resident` gathers each
-batch on the device from a resident copy of the dataset. Both run the same `train_step`.
+The steps know no particular model, loss, metric, augmentation or optimizer; each is chosen
+by name in the config and lives in its own module:
+  * the model (`models/`): a Linen module; mutable collections it keeps (BatchNorm's
+    'batch_stats') are in `TrainState.model_state`, updated by training, used by evaluation;
+  * the loss (`losses.py`) and the metrics (`metrics.py`): per-example functions, named in
+    `Task`, summed under the mask;
+  * augmentation (`augment.py`): a pure function of (rng, images), named in `Task`;
+  * the optimizer (`optim.py`): `TrainState.tx`.
+
+Several steps run per jitted call (`lax.scan`), so Python dispatch is paid once per call. The
+chunk functions come from `chunk_fns`: over stacked batches that tf.data prepared, or over
+indices into a resident copy of the dataset gathered on the device; for one run, or for N
+replicas at once (vmapped). All of them run the same `train_step`.
 """
 
+import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,65 +32,108 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mnist_jax import augment
+from mnist_jax import losses
+from mnist_jax import metrics
+
 Batch = dict[str, jax.Array]
-Sums = dict[str, jax.Array]  # Metric sums over real examples: loss, correct, count.
-SUM_KEYS = ('loss', 'correct', 'count')
+Sums = dict[str, jax.Array]  # Sums over real examples: the loss, each metric, and 'count'.
 
 
 class TrainState(train_state.TrainState):
   rng: jax.Array  # Folded with the step for per-step randomness (dropout, augmentation).
+  model_state: dict[str, Any]  # The model's mutable collections, e.g. {'batch_stats': ...}.
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a step does around the model: augmentation, the loss, the metrics.
+
+  Names and literal values only, so a task is hashable: it is a static argument of the
+  jitted functions, and equal tasks share their compiled programs.
+  """
+  loss: str = 'softmax_cross_entropy'
+  loss_kwargs: tuple[tuple[str, Any], ...] = ()
+  metrics: tuple[str, ...] = ('accuracy',)
+  augment: str = ''
+  model_takes_mask: bool = False  # The model's __call__ takes `mask` (e.g. for BatchNorm).
+
+  @classmethod
+  def from_config(cls, config, model: nn.Module) -> 'Task':
+    return cls(loss=config.loss, loss_kwargs=tuple(sorted(config.loss_kwargs.items())),
+               metrics=tuple(config.metrics), augment=config.augment,
+               model_takes_mask=takes_mask(model))
+
+  @property
+  def value_names(self) -> tuple[str, ...]:
+    """The per-example values the steps sum: the loss, then each metric."""
+    return ('loss', *self.metrics)
+
+  def per_example(self, logits_BxC: jax.Array, labels_B: jax.Array) -> dict[str, jax.Array]:
+    values = dict(loss=losses.get(self.loss)(logits_BxC, labels_B, **dict(self.loss_kwargs)))
+    values.update({name: metrics.METRICS[name](logits_BxC, labels_B) for name in self.metrics})
+    return values
+
+
+DEFAULT_TASK = Task()  # The notebook's: softmax cross-entropy, accuracy, no augmentation.
+
+
+def takes_mask(model: nn.Module) -> bool:
+  return 'mask' in inspect.signature(type(model).__call__).parameters
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
                        image_shape: tuple[int, ...]) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
-  params = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
+  variables = dict(model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32)))
+  params = variables.pop('params')
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng,
+                           model_state=variables)
 
 
-def preprocess(image_BxHxWxC: jax.Array) -> jax.Array:
-  return image_BxHxWxC.astype(jnp.float32) / 255.0
+def _logits(task: Task, state: TrainState, params, images_BxHxWxC, mask_B, *, train: bool,
+            rng: jax.Array | None = None):
+  """The model's logits, and its updated mutable collections (training only)."""
+  variables = {'params': params, **state.model_state}
+  kwargs = dict(mask=mask_B) if task.model_takes_mask else {}
+  if not train:
+    return state.apply_fn(variables, images_BxHxWxC, train=False, **kwargs), state.model_state
+  if not state.model_state:  # Nothing mutable (the notebook's MLP): a plain apply.
+    return state.apply_fn(variables, images_BxHxWxC, train=True, rngs={'dropout': rng},
+                          **kwargs), state.model_state
+  return state.apply_fn(variables, images_BxHxWxC, train=True, rngs={'dropout': rng},
+                        mutable=list(state.model_state), **kwargs)
 
 
-def metric_sums(logits_BxC: jax.Array, batch: Batch) -> Sums:
-  mask_B = batch['mask']
-  loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch['label'])
-  correct_B = (jnp.argmax(logits_BxC, axis=-1) == batch['label']).astype(jnp.float32)
-  real_B = mask_B > 0  # `where`, not a product: padding can never leak a NaN into the sums.
-  return dict(loss=jnp.sum(jnp.where(real_B, loss_B, 0.0)),
-              correct=jnp.sum(jnp.where(real_B, correct_B, 0.0)), count=jnp.sum(mask_B))
-
-
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Sums]:
+def train_step(state: TrainState, batch: Batch,
+               task: Task = DEFAULT_TASK) -> tuple[TrainState, Sums]:
   """One optimizer step on the mean loss over the batch's real examples."""
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  dropout_rng, augment_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  images = augment.build(task.augment)(augment_rng, augment.preprocess(batch['image']))
 
   def loss_fn(params):
-    logits_BxC = state.apply_fn({'params': params}, preprocess(batch['image']), train=True,
-                                rngs={'dropout': dropout_rng})
-    sums = metric_sums(logits_BxC, batch)
-    return sums['loss'] / jnp.maximum(sums['count'], 1.0), sums
+    logits_BxC, model_state = _logits(task, state, params, images, batch['mask'], train=True,
+                                      rng=dropout_rng)
+    sums = metrics.masked_sums(task.per_example(logits_BxC, batch['label']), batch['mask'])
+    return sums['loss'] / jnp.maximum(sums[metrics.COUNT], 1.0), (sums, model_state)
 
-  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  sums = dict(sums, loss_mean=loss)
-  return state.apply_gradients(grads=grads), sums
-
-
-def eval_step(state: TrainState, batch: Batch) -> Sums:
-  logits_BxC = state.apply_fn({'params': state.params}, preprocess(batch['image']), train=False)
-  return metric_sums(logits_BxC, batch)
+  (loss, (sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads).replace(model_state=model_state)
+  return state, dict(sums, loss_mean=loss)
 
 
-def zero_sums() -> Sums:
-  return {k: jnp.zeros(()) for k in SUM_KEYS}
+def eval_step(state: TrainState, batch: Batch, task: Task = DEFAULT_TASK) -> Sums:
+  logits_BxC, _ = _logits(task, state, state.params, augment.preprocess(batch['image']),
+                          batch['mask'], train=False)
+  return metrics.masked_sums(task.per_example(logits_BxC, batch['label']), batch['mask'])
 
 
-def add_sums(a: Sums, b: Sums) -> Sums:
-  return {k: a[k] + b[k] for k in SUM_KEYS}
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], unroll: int,
-                guard_empty_steps: bool):
+def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], task: Task,
+                unroll: int, guard_empty_steps: bool):
   """Runs train_step over the leading axis of `xs`; a step with no real example is a no-op.
 
   Chunks are padded with empty steps to keep shapes static; those must not move the optimizer
@@ -87,30 +142,32 @@ def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], u
   state at every step, so callers drop it for chunks without empty steps.
 
   Returns the state, the summed metrics, and for the NaN/Inf check the per-step 'loss' [K]
-  and 'params_finite' (whether every parameter is finite after the chunk). Non-finite
-  gradients make the parameters, hence the next step's loss, non-finite; checking the
-  parameters once per chunk costs far less than a gradient norm at every step.
+  and 'params_finite' (whether every parameter and model variable is finite after the chunk).
+  Non-finite gradients make the parameters, hence the next step's loss, non-finite; checking
+  the parameters once per chunk costs far less than a gradient norm at every step.
   """
 
   def body(carry, x):
     state, totals = carry
-    new_state, sums = train_step(state, get_batch(x))
+    new_state, sums = train_step(state, get_batch(x), task)
     if guard_empty_steps:
-      new_state = jax.tree.map(functools.partial(jnp.where, sums['count'] > 0), new_state, state)
-    return (new_state, add_sums(totals, sums)), sums['loss_mean']
+      real = sums[metrics.COUNT] > 0
+      new_state = jax.tree.map(functools.partial(jnp.where, real), new_state, state)
+    loss_mean = sums.pop('loss_mean')
+    return (new_state, metrics.add_sums(totals, sums)), loss_mean
 
-  (state, totals), loss_K = jax.lax.scan(body, (state, zero_sums()), xs, unroll=unroll)
-  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                     for x in jax.tree.leaves(state.params)]))
-  return state, totals, dict(loss=loss_K, params_finite=params_finite)
+  totals = metrics.zero_sums(task.value_names)
+  (state, totals), loss_K = jax.lax.scan(body, (state, totals), xs, unroll=unroll)
+  finite = _all_finite((state.params, state.model_state))
+  return state, totals, dict(loss=loss_K, params_finite=finite)
 
 
-def _scan_eval(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch],
+def _scan_eval(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], task: Task,
                unroll: int) -> Sums:
   def body(totals, x):
-    return add_sums(totals, eval_step(state, get_batch(x))), None
+    return metrics.add_sums(totals, eval_step(state, get_batch(x), task)), None
 
-  return jax.lax.scan(body, zero_sums(), xs, unroll=unroll)[0]
+  return jax.lax.scan(body, metrics.zero_sums(task.value_names), xs, unroll=unroll)[0]
 
 
 def _gather(data: Batch, chunk: Batch) -> Batch:
@@ -124,67 +181,85 @@ def _identity(batch: Batch) -> Batch:
   return batch
 
 
-def train_batches(state: TrainState, batches: Batch, unroll: int = 1,
-                  guard_empty_steps: bool = True):
+def train_batches(state: TrainState, batches: Batch, *, task: Task = DEFAULT_TASK,
+                  unroll: int = 1, guard_empty_steps: bool = True):
   """Train steps over stacked batches [K, B, ...]; see `_scan_train` for what it returns."""
-  return _scan_train(state, batches, _identity, unroll, guard_empty_steps)
+  return _scan_train(state, batches, _identity, task, unroll, guard_empty_steps)
 
 
-def train_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1,
-                   guard_empty_steps: bool = True):
+def train_resident(state: TrainState, data: Batch, chunk: Batch, *, task: Task = DEFAULT_TASK,
+                   unroll: int = 1, guard_empty_steps: bool = True):
   """Train steps over planned indices chunk['index'] [K, B] into resident `data`."""
-  return _scan_train(state, chunk, functools.partial(_gather, data), unroll, guard_empty_steps)
+  return _scan_train(state, chunk, functools.partial(_gather, data), task, unroll,
+                     guard_empty_steps)
 
 
-def eval_batches(state: TrainState, batches: Batch, unroll: int = 1) -> Sums:
-  return _scan_eval(state, batches, _identity, unroll)
+def eval_batches(state: TrainState, batches: Batch, *, task: Task = DEFAULT_TASK,
+                 unroll: int = 1) -> Sums:
+  return _scan_eval(state, batches, _identity, task, unroll)
 
 
-def eval_resident(state: TrainState, data: Batch, chunk: Batch, unroll: int = 1) -> Sums:
-  return _scan_eval(state, chunk, functools.partial(_gather, data), unroll)
+def eval_resident(state: TrainState, data: Batch, chunk: Batch, *, task: Task = DEFAULT_TASK,
+                  unroll: int = 1) -> Sums:
+  return _scan_eval(state, chunk, functools.partial(_gather, data), task, unroll)
 
 
 def over_replicas(fn: Callable, in_axes: tuple) -> Callable:
   """`fn` for N independent replicas at once: state (and per-replica inputs) stacked [N, ...]."""
 
-  def run(state, *args, **static):  # unroll (and guard_empty_steps for training).
+  def run(state, *args, **static):  # task, unroll (and guard_empty_steps for training).
     return jax.vmap(functools.partial(fn, **static), in_axes=in_axes)(state, *args)
 
   return run
 
 
-# `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
-# unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
-_jit_train = functools.partial(jax.jit, donate_argnums=0,
-                               static_argnames=('unroll', 'guard_empty_steps'))
-_jit_eval = functools.partial(jax.jit, static_argnames='unroll')
-
-train_chunk = _jit_train(train_batches)
-train_chunk_resident = _jit_train(train_resident)
-eval_chunk = _jit_eval(eval_batches)
-eval_chunk_resident = _jit_eval(eval_resident)
-# Replicas share the resident data and the evaluation batches; each has its own data order.
-train_chunk_replicas = _jit_train(over_replicas(train_batches, (0, 0)))
-train_chunk_resident_replicas = _jit_train(over_replicas(train_resident, (0, None, 0)))
-eval_chunk_replicas = _jit_eval(over_replicas(eval_batches, (0, None)))
-eval_chunk_resident_replicas = _jit_eval(over_replicas(eval_resident, (0, None, None)))
+@dataclasses.dataclass(frozen=True)
+class ChunkFns:
+  """The jitted functions an input mode calls: train(state, *inputs, task, unroll,
+  guard_empty_steps) -> (state, sums, per_step) with the state donated, and
+  evaluate(state, *inputs, task, unroll) -> sums."""
+  train: Callable
+  evaluate: Callable
 
 
-@jax.jit
-def _probabilities(state: TrainState, image_BxHxWxC: jax.Array) -> jax.Array:
-  logits = state.apply_fn({'params': state.params}, preprocess(image_BxHxWxC), train=False)
+@functools.cache
+def chunk_fns(resident: bool, replicas: bool) -> ChunkFns:
+  """The chunk functions for resident data (else stacked batches), for N replicas (else one
+  run); each jitted once per process, whatever the task.
+
+  Replicas share the resident data and the evaluation batches; each has its own data order.
+  `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
+  unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
+  """
+  train, evaluate = (train_resident, eval_resident) if resident else (train_batches,
+                                                                       eval_batches)
+  if replicas:
+    train = over_replicas(train, (0, None, 0) if resident else (0, 0))
+    evaluate = over_replicas(evaluate, (0, None, None) if resident else (0, None))
+  return ChunkFns(
+      train=jax.jit(train, donate_argnums=0,
+                    static_argnames=('task', 'unroll', 'guard_empty_steps')),
+      evaluate=jax.jit(evaluate, static_argnames=('task', 'unroll')))
+
+
+@functools.partial(jax.jit, static_argnames='task')
+def _probabilities(state: TrainState, image_BxHxWxC: jax.Array, task: Task) -> jax.Array:
+  mask_B = jnp.ones(image_BxHxWxC.shape[:1], jnp.float32)
+  logits, _ = _logits(task, state, state.params, augment.preprocess(image_BxHxWxC), mask_B,
+                      train=False)
   return jax.nn.softmax(logits)
 
 
-def predict(state: TrainState, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict(state: TrainState, images: np.ndarray, batch_size: int,
+            task: Task = DEFAULT_TASK) -> np.ndarray:
   """Class probabilities [N, C] for host images, in fixed-size (padded) batches."""
   pad = -len(images) % batch_size
   padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-  probs = [_probabilities(state, padded[i:i + batch_size])
+  probs = [_probabilities(state, padded[i:i + batch_size], task)
            for i in range(0, len(padded), batch_size)]
   return np.concatenate(jax.device_get(probs))[:len(images)]
 
 
-# Single steps, for notebooks and tests; the loop uses the chunked versions above.
-train_step_jit = jax.jit(train_step, donate_argnums=0)
-eval_step_jit = jax.jit(eval_step)
+# Single steps, for notebooks and tests; the loop uses the chunk functions above.
+train_step_jit = jax.jit(train_step, donate_argnums=0, static_argnames='task')
+eval_step_jit = jax.jit(eval_step, static_argnames='task')

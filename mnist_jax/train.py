@@ -34,6 +34,7 @@ from mnist_jax import optim
 from mnist_jax import progress as progress_lib
 from mnist_jax import steps
 from mnist_jax import validation
+from mnist_jax import writers
 
 
 class NonFiniteError(errors.UserError):
@@ -67,7 +68,8 @@ class Setup:
   """Everything a run needs before its first step."""
   info: input_pipeline.DatasetInfo
   mode_name: str
-  mode: input_modes._Mode  # pylint: disable=protected-access
+  mode: input_modes.InputMode
+  task: steps.Task
   state: steps.TrainState
   num_params: int
   cache_dir: pathlib.Path | None
@@ -82,14 +84,15 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   info, splits = input_pipeline.load(
       config.dataset, config.data_dir, (config.train_split, config.eval_split),
       download=config.download, cache_dir=cache_dir)
+  model = models.build(config.model, info.num_classes)
+  task = steps.Task.from_config(config, model)
   mode_name = input_modes.resolve(config.input_mode, splits)
   mode = input_modes.create(
       mode_name, splits, train_split=config.train_split, eval_split=config.eval_split,
       seed=config.seed, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
       steps_per_call=min(config.steps_per_call or _default_steps_per_call(),
                          config.checkpoint_every_steps or 1 << 30),
-      scan_unroll=config.scan_unroll, num_replicas=config.num_seeds)
-  model = models.build(config.model, info.num_classes)
+      scan_unroll=config.scan_unroll, num_replicas=config.num_seeds, task=task)
   tx = optim.create_optimizer(config, mode.steps_per_epoch * config.num_epochs)
   init = functools.partial(steps.create_train_state, model=model, tx=tx,
                            image_shape=info.image_shape)
@@ -102,8 +105,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   # random initializers) than they could ever save. The values are the same.
   state = jax.jit(init, out_shardings=mode.replicated,
                   compiler_options=dict(xla_backend_optimization_level=1))(rng)
-  num_params = metrics.count_params(state.params) // config.num_seeds
-  return Setup(info, mode_name, mode, state, num_params, cache_dir)
+  num_params = writers.count_params(state.params) // config.num_seeds
+  return Setup(info, mode_name, mode, task, state, num_params, cache_dir)
 
 
 def replica(tree, i: int, num_replicas: int):
@@ -111,13 +114,20 @@ def replica(tree, i: int, num_replicas: int):
   return tree if num_replicas == 1 else jax.tree.map(lambda x: x[i], tree)
 
 
-def _epoch_line(record: dict, num_epochs: int) -> str:
-  spread = (f" ± {record['test_accuracy_std']:.4f} (mean ± std of "
-            f"{len(record['test_accuracy_per_replica'])} seeds)"
-            if 'test_accuracy_std' in record else '')
-  return (f"epoch {record['epoch']}/{num_epochs}  "
-          f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  |  "
-          f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}{spread}  |  "
+def _epoch_line(record: dict, task: steps.Task, num_epochs: int) -> str:
+  """'epoch 2/5  train loss 0.1071 accuracy 0.9686  |  test loss ... |  16,359 ex/s  9.3s'.
+
+  With several seeds, the headline metric's test value also shows its spread over them.
+  """
+  def values(split):
+    return ' '.join(f'{name} {record[f"{split}_{name}"]:.4f}' for name in task.value_names)
+
+  spread_of = f'test_{_headline(task)}'
+  spread = (f" ± {record[f'{spread_of}_std']:.4f} (mean ± std of "
+            f"{len(record[f'{spread_of}_per_replica'])} seeds)"
+            if f'{spread_of}_std' in record else '')
+  return (f"epoch {record['epoch']}/{num_epochs}  train {values('train')}  |  "
+          f"test {values('test')}{spread}  |  "
           f"{record['examples_per_sec']:,.0f} ex/s  {record['elapsed_s']:.1f}s")
 
 
@@ -146,7 +156,7 @@ def _check_finite(unchecked: list) -> None:
 
 
 def _write_header(workdir: pathlib.Path, config, run: Setup) -> None:
-  metrics.write_json(workdir / 'config.json', dict(config.to_dict(), resolved=dict(
+  writers.write_json(workdir / 'config.json', dict(config.to_dict(), resolved=dict(
       input_mode=run.mode_name, data_dir=input_pipeline.resolve_data_dir(config.data_dir) or '',
       cache_dir=str(run.cache_dir or ''))))
   print(f'{run.info.name}: {len(run.mode.train):,} train / {len(run.mode.eval):,} test '
@@ -157,6 +167,10 @@ def _write_header(workdir: pathlib.Path, config, run: Setup) -> None:
 class Preempted(errors.UserError):
   """SIGTERM arrived: the state was saved; rerunning in the same workdir continues from it."""
   exit_code = 143  # 128 + SIGTERM, as a shell reports a TERM'd process.
+
+  def __init__(self, step: int, directory):
+    super().__init__(f'SIGTERM: saved the checkpoint at step {step} in {directory}; run again '
+                     'with the same --workdir to continue from it.')
 
 
 class _Preemption:
@@ -193,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=run.mode.zero_sums()))
     if is_writer:
       _write_header(workdir, config, run)
-    logger = metrics.MetricLogger(workdir, tensorboard=config.write_tensorboard,
+    logger = writers.MetricLogger(workdir, tensorboard=config.write_tensorboard,
                                   enabled=is_writer)
     with _Preemption() as preemption:
       state, record, train_seconds = _train_loop(config, run, ckpt, logger, restored,
@@ -226,11 +240,11 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
     for chunk, args in zip(chunks, mode.train_inputs(chunks)):
       state, sums, per_step = mode.train_call(
           state, *args, guard_empty_steps=mode.guard_empty_steps(chunk))
-      epoch_sums = steps.add_sums(epoch_sums, sums)
+      epoch_sums = metrics.add_sums(epoch_sums, sums)
       previous, step = step, step + mode.real_steps(chunk)
       unchecked.append((per_step, previous, step))
       if progress.due():
-        progress.update(step - epoch * spe, *_running(epoch_sums))
+        progress.update(step - epoch * spe, _running(epoch_sums, run.task))
       # A SIGTERM in an epoch's last call waits for the epoch's end (evaluation, record, sums
       # reset), so the checkpoint never holds a finished epoch whose record is missing.
       stop_now = preemption.requested and step % spe
@@ -239,8 +253,7 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
         ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
       if stop_now:
         progress.close()
-        raise Preempted(f'SIGTERM: saved the checkpoint at step {step} in {ckpt.directory}; '
-                        'run again with the same --workdir to continue from it.')
+        raise Preempted(step, ckpt.directory)
     _check_finite(unchecked)  # Also waits for the epoch to finish.
     epoch_seconds = time.perf_counter() - epoch_start
     train_seconds += epoch_seconds
@@ -251,11 +264,10 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
     logger.write(step, record)
     epoch_sums = mode.zero_sums()
     ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
-    progress.end_epoch(_epoch_line(record, config.num_epochs))
+    progress.end_epoch(_epoch_line(record, run.task, config.num_epochs))
     if preemption.requested and epoch + 1 < config.num_epochs:
       progress.close()
-      raise Preempted(f'SIGTERM: saved the checkpoint at step {step} in {ckpt.directory}; '
-                      'run again with the same --workdir to continue from it.')
+      raise Preempted(step, ckpt.directory)
   return state, record, train_seconds
 
 
@@ -263,10 +275,15 @@ def _step_of(state) -> int:
   return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # Replicas step together.
 
 
-def _running(sums):
-  """Running loss and accuracy as device scalars (fetched only if the progress line draws)."""
-  count = jax.numpy.maximum(sums['count'], 1.0)
-  return jax.numpy.mean(sums['loss'] / count), jax.numpy.mean(sums['correct'] / count)
+def _headline(task: steps.Task) -> str:
+  """The value a run's last line reports: the first metric (else the loss)."""
+  return task.value_names[1] if len(task.value_names) > 1 else task.value_names[0]
+
+
+def _running(sums, task: steps.Task) -> dict:
+  """The running loss and first metric as device scalars (fetched only if a line draws)."""
+  count = jax.numpy.maximum(sums[metrics.COUNT], 1.0)
+  return {name: jax.numpy.mean(sums[name] / count) for name in task.value_names[:2]}
 
 
 def _finish(workdir, config, run: Setup, state, record, train_seconds, start, is_writer):
@@ -274,44 +291,38 @@ def _finish(workdir, config, run: Setup, state, record, train_seconds, start, is
   summary = dict(
       {k: v for k, v in test.items() if k.startswith(('test_', 'train_'))},
       epochs=config.num_epochs, steps=_step_of(state), num_params=run.num_params,
-      param_fingerprint=metrics.fingerprint(state.params), train_seconds=train_seconds,
-      total_seconds=time.perf_counter() - start, input_mode=run.mode_name, seed=config.seed,
-      num_seeds=config.num_seeds, versions=metrics.versions())
+      param_fingerprint=writers.fingerprint(state.params, state.model_state),
+      train_seconds=train_seconds, total_seconds=time.perf_counter() - start,
+      input_mode=run.mode_name, seed=config.seed, num_seeds=config.num_seeds,
+      versions=writers.versions())
   if config.num_seeds > 1:
     summary['param_fingerprint_per_replica'] = [
-        metrics.fingerprint(replica(state.params, i, config.num_seeds))
+        writers.fingerprint(*replica((state.params, state.model_state), i, config.num_seeds))
         for i in range(config.num_seeds)]
   if is_writer:
     # Written before the report too, so a failing report (e.g. a broken matplotlib) still
     # leaves the run's results; rewritten after it with the final total time.
-    metrics.write_json(workdir / 'summary.json', summary)
+    writers.write_json(workdir / 'summary.json', summary)
     if config.write_report:
       _write_report(workdir, config, run, state, summary)
     summary['total_seconds'] = time.perf_counter() - start
-    metrics.write_json(workdir / 'summary.json', summary)
-    spread = (f" ± {summary['test_accuracy_std']:.4f} over {config.num_seeds} seeds "
-              f"{summary['test_accuracy_per_replica']}" if config.num_seeds > 1 else '')
-    print(f"done: test accuracy {summary['test_accuracy']:.4f}{spread}, {summary['steps']} steps, "
+    writers.write_json(workdir / 'summary.json', summary)
+    name = _headline(run.task)
+    spread = (f" ± {summary[f'test_{name}_std']:.4f} over {config.num_seeds} seeds "
+              f"{summary[f'test_{name}_per_replica']}" if config.num_seeds > 1 else '')
+    print(f"done: test {name} {summary[f'test_{name}']:.4f}{spread}, {summary['steps']} steps, "
           f"{train_seconds:.1f}s of training ({summary['total_seconds']:.1f}s in all); "
           f'wrote {workdir}', flush=True)
   return summary
 
 
 def _write_report(workdir: pathlib.Path, config, run: Setup, state, summary: dict) -> None:
-  """report.png and report.md: curves, the confusion matrix, the most confident mistakes."""
+  """report.png and report.md, from the test set's predictions (report.py does the rest)."""
   from mnist_jax import report  # pylint: disable=g-import-not-at-top  (matplotlib: only here)
-  split = run.mode.eval
   state = replica(state, 0, config.num_seeds)  # With several seeds, the report shows the first.
-  probs = steps.predict(state, split.image, config.eval_batch_size)
-  predicted, confidence = probs.argmax(-1), probs.max(-1)
-  confusion = np.zeros((run.info.num_classes,) * 2, np.int64)
-  np.add.at(confusion, (split.label, predicted), 1)
-  wrong = np.flatnonzero(predicted != split.label)
-  worst = wrong[np.argsort(-confidence[wrong])][:report.MAX_WORST]
-  report.write_report(
-      workdir, metrics.read_history(workdir), confusion,
-      dict(image=split.image[worst], label=split.label[worst], predicted=predicted[worst],
-           confidence=confidence[worst]), summary, config.to_dict())
+  probs = steps.predict(state, run.mode.eval.image, config.eval_batch_size, run.task)
+  report.write_run_report(workdir, writers.read_history(workdir), run.mode.eval, probs,
+                          summary, config.to_dict())
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -323,7 +334,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     raise errors.UserError(f'No checkpoint in {ckpt.directory} to evaluate.')
   state = restored[0]['state']
   result = dict(step=_step_of(state), **metrics.summarize(run.mode.evaluate(state), 'test_'),
-                param_fingerprint=metrics.fingerprint(state.params))
+                param_fingerprint=writers.fingerprint(state.params, state.model_state))
   ckpt.close()
   print(json.dumps(result), flush=True)
   return result

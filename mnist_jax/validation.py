@@ -10,8 +10,11 @@ import jax
 import ml_collections
 import optax
 
+from mnist_jax import augment
 from mnist_jax import errors
 from mnist_jax import input_modes
+from mnist_jax import losses
+from mnist_jax import metrics
 from mnist_jax import models
 
 
@@ -23,12 +26,17 @@ def _is_positive_int(x: Any) -> bool:
   return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
-def _named_in(namespace, kind: type | None = None) -> Callable[[Any], bool]:
+def _is_number_at_least_0(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _named_in(namespace) -> Callable[[Any], bool]:
   return lambda name: isinstance(name, str) and callable(getattr(namespace, name, None))
 
 
-def _names(namespace) -> str:
-  return ', '.join(n for n in dir(namespace) if not n.startswith('_'))[:300] + ', ...'
+def _metric_names(names: Any) -> bool:
+  return (isinstance(names, (tuple, list)) and len(set(names)) == len(names)
+          and all(isinstance(n, str) and n in metrics.METRICS for n in names))
 
 
 # (field path, check, what is allowed). Paths into sub-dicts use dots; a missing optional
@@ -58,7 +66,22 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('model.bias_init', _named_in(jax.nn.initializers), 'a jax.nn.initializers name, e.g. zeros'),
     ('input_mode', lambda x: x == 'auto' or x in input_modes.INPUT_MODES,
      f"one of auto, {', '.join(input_modes.INPUT_MODES)}"),
+    ('loss', lambda x: x in losses.LOSSES, f"one of {', '.join(losses.LOSSES)}"),
+    ('loss_kwargs.label_smoothing', lambda x: isinstance(x, (int, float)) and 0 <= x < 1,
+     'a number in [0, 1)'),
+    ('metrics', _metric_names,
+     f"a tuple of distinct names among {', '.join(metrics.METRICS)}"),
+    ('augment', lambda x: isinstance(x, str),
+     "a string of ops like 'shift(2)|rotate(10)', or '' for none"),
+    ('grad_clip_norm', _is_number_at_least_0, 'a finite number >= 0 (0: no clipping)'),
+    ('weight_decay', _is_number_at_least_0, 'a finite number >= 0 (0: none)'),
+    ('warmup_steps', lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+     'an integer >= 0 (0: no warmup)'),
 ]
+
+# Set elsewhere in the config (optim.py passes them to the optimizer itself).
+_OPTIMIZER_ARGS_FROM_CONFIG = {'learning_rate': 'learning_rate and lr_schedule',
+                               'weight_decay': 'weight_decay', 'mask': 'weight_decay'}
 
 
 def _lookup(config: ml_collections.ConfigDict, path: str):
@@ -80,6 +103,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not _MISSING and not ok(value):
       raise errors.ConfigError(f'config.{path}={value!r} is invalid: expected {allowed}.')
   _check_optimizer_kwargs(config)
+  _check_kwargs(losses.get(config.loss), dict(config.loss_kwargs), 'loss_kwargs',
+                f'losses.{config.loss}', skip=2)
+  try:
+    augment.check(config.augment)
+  except ValueError as e:
+    raise errors.ConfigError(
+        f'config.augment={config.augment!r} is invalid: {e}; expected ops of '
+        "mnist_jax/augment.py separated by '|', e.g. 'shift(2)|rotate(10)'.") from None
   if config.model.name not in models.available():
     raise errors.ConfigError(f'config.model.name={config.model.name!r} is invalid: expected '
                              f"one of {', '.join(models.available())}.")
@@ -93,13 +124,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _check_optimizer_kwargs(config: ml_collections.ConfigDict) -> None:
   """optax.<optimizer> must take learning_rate plus config.optimizer_kwargs (e.g. sgd has no
   decay or eps, which the default config's RMSprop needs)."""
-  make = getattr(optax, config.optimizer)
   kwargs = dict(config.optimizer_kwargs)
+  for name, field in _OPTIMIZER_ARGS_FROM_CONFIG.items():
+    if name in kwargs:
+      raise errors.ConfigError(
+          f'config.optimizer_kwargs.{name} is invalid: set config.{field} instead (the '
+          f'optimizer gets it from there).')
+  _check_kwargs(getattr(optax, config.optimizer), kwargs, 'optimizer_kwargs',
+                f'optax.{config.optimizer}', skip=0, bound=dict(learning_rate=1.0))
+
+
+def _check_kwargs(fn: Callable, kwargs: dict, field: str, what: str, *, skip: int,
+                  bound: dict | None = None) -> None:
+  """`fn` must take `kwargs` after its first `skip` positional arguments (and `bound`)."""
   try:
-    inspect.signature(make).bind(learning_rate=1.0, **kwargs)
+    inspect.signature(fn).bind(*[None] * skip, **(bound or {}), **kwargs)
   except TypeError as e:
-    accepted = ', '.join(p for p in inspect.signature(make).parameters if p != 'learning_rate')
+    params = list(inspect.signature(fn).parameters)[skip:]
+    accepted = ', '.join(p for p in params if p not in (bound or {})) or 'none'
     raise errors.ConfigError(
-        f'config.optimizer_kwargs={kwargs} is invalid for optax.{config.optimizer} ({e}): '
-        f'expected arguments among: {accepted}; --config.optimizer_kwargs={{}} for none.'
-    ) from None
+        f'config.{field}={kwargs} is invalid for {what} ({e}): expected arguments among: '
+        f'{accepted}; --config.{field}={{}} for none.') from None

@@ -34,7 +34,6 @@ import time
 from typing import Any
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-MLP_CONFIG_PATH = REPO_ROOT / 'configs' / 'mlp.py'
 
 # The tiny job every crash test runs: 36 mock examples in batches of 8 are 5 steps an epoch (the
 # last batch holds 4 real examples), 15 steps in 3 epochs; calls of 2 steps, so every epoch ends
@@ -64,11 +63,19 @@ _PRELOAD = ['tensorflow', 'tensorflow_datasets', 'jax', 'optax', 'flax.linen', '
             'ml_collections.config_flags', 'absl.app', 'mnist_jax.train', 'crash_utils']
 
 
-def config_args(cache_dir: str | os.PathLike = 'none', **overrides) -> list[str]:
-  """run.py flags for the tiny job; `overrides` are more config fields (dots as '__')."""
+# The same tiny job with every seam of configs/cnn_bn.py: BatchNorm (batch_stats in the model
+# state), dropout, augmentation, label smoothing, AdamW with warmup, cosine decay and clipping.
+CNN_BN = dict(config='cnn_bn', model__features='(4,)', warmup_steps=3)
+
+
+def config_args(cache_dir: str | os.PathLike = 'none', config: str = 'mlp',
+                **overrides) -> list[str]:
+  """run.py flags for the tiny job of configs/<config>.py; `overrides` are more config fields
+  (dots as '__')."""
   fields = dict(CONFIG, cache_dir=str(cache_dir), **{k.replace('__', '.'): v
                                                      for k, v in overrides.items()})
-  return [f'--config={MLP_CONFIG_PATH}'] + [f'--config.{k}={v}' for k, v in fields.items()]
+  path = REPO_ROOT / 'configs' / f'{config}.py'
+  return [f'--config={path}'] + [f'--config.{k}={v}' for k, v in fields.items()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,13 +247,13 @@ def _install_hooks(spec: dict) -> None:
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
   from mnist_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from mnist_jax import input_modes  # pylint: disable=g-import-not-at-top
-  from mnist_jax import metrics  # pylint: disable=g-import-not-at-top
+  from mnist_jax import writers  # pylint: disable=g-import-not-at-top
   from mnist_jax import train  # pylint: disable=g-import-not-at-top
 
   faults = _Faults(spec['faults'])
   record = open(spec['record'], 'a') if spec['record'] else None
 
-  original_train_call = input_modes._Mode.train_call  # pylint: disable=protected-access
+  original_train_call = input_modes.InputMode.train_call
 
   def train_call(self, state, *args, **kwargs):
     nan = 'NAN' in faults.hit('before_train_call')
@@ -276,7 +283,7 @@ def _install_hooks(spec: dict) -> None:
     faults.fire('train_call')
     return state, sums, per_step
 
-  input_modes._Mode.train_call = train_call  # pylint: disable=protected-access
+  input_modes.InputMode.train_call = train_call
 
   original_save = checkpoint.Checkpointer.save
 
@@ -308,7 +315,7 @@ def _install_hooks(spec: dict) -> None:
     original_finish = train._finish  # pylint: disable=protected-access
 
     def finish(workdir, config, run, state, *args, **kwargs):
-      metrics.write_json(pathlib.Path(spec['state_file']), state_fingerprints(state))
+      writers.write_json(pathlib.Path(spec['state_file']), state_fingerprints(state))
       return original_finish(workdir, config, run, state, *args, **kwargs)
 
     train._finish = finish  # pylint: disable=protected-access
@@ -317,12 +324,12 @@ def _install_hooks(spec: dict) -> None:
 def state_fingerprints(state) -> dict[str, Any]:
   """sha256 of each part of a TrainState: equal iff bit-identical."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mnist_jax import metrics  # pylint: disable=g-import-not-at-top
+  from mnist_jax import writers  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
-  return dict(step=step, params=metrics.fingerprint(state.params),
-              opt_state=metrics.fingerprint(state.opt_state),
-              rng=metrics.fingerprint(jax.random.key_data(state.rng)
+  return dict(step=step, params=writers.fingerprint(state.params, state.model_state),
+              opt_state=writers.fingerprint(state.opt_state),
+              rng=writers.fingerprint(jax.random.key_data(state.rng)
                                       if jax.dtypes.issubdtype(state.rng.dtype,
                                                                jax.dtypes.prng_key)
                                       else state.rng))

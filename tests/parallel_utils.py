@@ -54,24 +54,26 @@ class _Recorder:
   def __init__(self):
     import numpy as np  # pylint: disable=g-import-not-at-top
     from mnist_jax import input_modes  # pylint: disable=g-import-not-at-top
-    from mnist_jax import metrics  # pylint: disable=g-import-not-at-top
     from mnist_jax import train  # pylint: disable=g-import-not-at-top
+    from mnist_jax import writers  # pylint: disable=g-import-not-at-top
     self.reset()
     recorder = self
 
-    original_fingerprint = metrics.fingerprint
-    def fingerprint(params):  # The summary fingerprints the final params first: keep them.
+    original_fingerprint = writers.fingerprint
+    def fingerprint(params, model_state=None):  # The summary's, of the final state: keep it.
       if recorder.params is None:
         recorder.params = _flat_params(params)
-      return original_fingerprint(params)
-    metrics.fingerprint = fingerprint
+        recorder.params.update({f'model_state{k}': v
+                                for k, v in _flat_params(model_state or {}).items()})
+      return original_fingerprint(params, model_state)
+    writers.fingerprint = fingerprint
 
-    original_call = input_modes._Mode.train_call  # pylint: disable=protected-access
+    original_call = input_modes.InputMode.train_call
     def train_call(self, state, *args, **kwargs):
       out = original_call(self, state, *args, **kwargs)
       recorder.losses.append(np.asarray(out[2]['loss']).tolist())  # Per step of the call.
       return out
-    input_modes._Mode.train_call = train_call  # pylint: disable=protected-access
+    input_modes.InputMode.train_call = train_call
 
     # run.py looks this up when it runs, so its runs are recorded too.
     original_train = train.train_and_evaluate
@@ -97,10 +99,10 @@ class _Recorder:
     self.reset()
 
 
-def _config(overrides: dict):
+def _config(overrides: dict, name: str = 'mlp'):
   sys.path.insert(0, str(REPO_ROOT / 'tests'))
   from conftest import load_config_module  # pylint: disable=g-import-not-at-top
-  config = load_config_module().get_config()
+  config = load_config_module(REPO_ROOT / 'configs' / f'{name}.py').get_config()
   config.cache_dir = 'none'
   config.download = False
   for path, value in overrides.items():
@@ -125,7 +127,8 @@ def _run_job(job: dict, recorder: _Recorder, out: pathlib.Path) -> int:
       except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     else:
-      train.train_and_evaluate(_config(job.get('overrides', {})), job['workdir'])
+      train.train_and_evaluate(_config(job.get('overrides', {}), job.get('config', 'mlp')),
+                               job['workdir'])
   except errors.UserError as e:  # What run.py does with it.
     print(f'error: {e}', file=sys.stderr, flush=True)
     code, error = e.exit_code, f'{type(e).__name__}: {e}'

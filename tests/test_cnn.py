@@ -1,8 +1,4 @@
-"""configs/cnn.py: the CNN model by name, its shapes and parameter count, and runs on mock data.
-
-Also an optimizer chosen by name with arguments, and a decaying schedule whose length the run
-fills in, trained through `train.train_and_evaluate`.
-"""
+"""configs/cnn.py: the CNN model by name, its shapes and parameter count, and runs on mock data."""
 
 import json
 
@@ -10,14 +6,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 import tensorflow_datasets as tfds
 
 from conftest import REPO_ROOT
 from conftest import load_config_module
 from mnist_jax import models
-from mnist_jax import optim
 from mnist_jax import train
 from mnist_jax.models import cnn
 
@@ -156,73 +150,3 @@ def test_small_cnn_trains_one_epoch_on_mock_data(tmp_path):
   assert written['model']['name'] == 'cnn' and written['model']['features'] == [4, 8]
   assert written['optimizer'] == 'adam'
   assert len((workdir / 'metrics.jsonl').read_text().splitlines()) == 1
-
-
-def test_optimizer_and_schedule_by_name_train_on_mock_data(tmp_path, mlp_config, monkeypatch):
-  """adamw with weight decay and a cosine decay over the run's steps, end to end."""
-  config = mlp_config
-  config.model.hidden_sizes = (8,)
-  config.num_epochs = 2
-  config.batch_size = BATCH_SIZE
-  config.eval_batch_size = 20
-  config.write_report = False
-  config.write_tensorboard = False
-  config.optimizer = 'adamw'
-  config.optimizer_kwargs = ml_collections.ConfigDict(dict(weight_decay=0.05, b1=0.8))
-  config.lr_schedule = 'cosine_decay_schedule'
-  calls = []
-  original = optim.create_schedule
-  def create_schedule(config, total_steps):
-    calls.append(total_steps)
-    return original(config, total_steps)
-  monkeypatch.setattr(optim, 'create_schedule', create_schedule)
-  workdir = tmp_path / 'workdir'
-  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    summary = train.train_and_evaluate(config, str(workdir))
-  assert calls == [2 * STEPS_PER_EPOCH]  # The schedule spans the whole run.
-  assert summary['steps'] == 2 * STEPS_PER_EPOCH
-  assert np.isfinite(summary['test_loss'])
-  written = read(workdir, 'config.json')
-  assert written['optimizer'] == 'adamw'
-  assert written['optimizer_kwargs'] == {'weight_decay': 0.05, 'b1': 0.8}
-  assert written['lr_schedule'] == 'cosine_decay_schedule'
-
-
-def test_schedule_decay_steps_default_to_total_steps(mlp_config):
-  mlp_config.learning_rate = 2e-3
-  mlp_config.lr_schedule = 'cosine_decay_schedule'
-  total = 30
-  schedule = optim.create_schedule(mlp_config, total_steps=total)
-  assert float(schedule(0)) == pytest.approx(2e-3, rel=1e-6)
-  assert float(schedule(total // 2)) == pytest.approx(1e-3, rel=1e-5)  # Half-way down the cosine.
-  assert float(schedule(total)) == pytest.approx(0.0, abs=1e-9)
-  assert float(schedule(total + 10)) == pytest.approx(0.0, abs=1e-9)  # Stays at the end value.
-  np.testing.assert_allclose(
-      [schedule(s) for s in range(total + 1)],
-      [optax.cosine_decay_schedule(2e-3, decay_steps=total)(s) for s in range(total + 1)])
-
-
-def test_schedule_kwargs_override_the_defaults(mlp_config):
-  mlp_config.lr_schedule = 'cosine_decay_schedule'
-  mlp_config.lr_schedule_kwargs = dict(alpha=0.1)  # End at 10% of the peak instead of 0.
-  schedule = optim.create_schedule(mlp_config, total_steps=10)
-  assert float(schedule(10)) == pytest.approx(1e-4, rel=1e-5)
-
-
-def test_optimizer_by_name_gets_its_arguments(mlp_config):
-  """adamw(weight_decay) on a zero gradient only decays: p <- p * (1 - lr * weight_decay)."""
-  mlp_config.optimizer = 'adamw'
-  mlp_config.learning_rate = 0.1
-  mlp_config.optimizer_kwargs = ml_collections.ConfigDict(dict(weight_decay=0.5))
-  mlp_config.lr_schedule = 'cosine_decay_schedule'
-  tx = optim.create_optimizer(mlp_config, total_steps=4)
-  params = {'w': jnp.array([1.0, -2.0, 4.0])}
-  state = tx.init(params)
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  expected = np.asarray(params['w'])
-  for step in range(4):
-    updates, state = tx.update(zeros, state, params)
-    params = optax.apply_updates(params, updates)
-    lr = 0.1 * 0.5 * (1 + np.cos(np.pi * step / 4))  # The schedule at this step.
-    expected = expected * (1 - lr * 0.5)
-    np.testing.assert_allclose(params['w'], expected, rtol=1e-6)

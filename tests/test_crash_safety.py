@@ -105,6 +105,9 @@ SCENARIOS = {
     'tfdata_kill': dict(starts=[(Fault('train_call', 4),), ()], args=dict(input_mode='tfdata')),
     'seeds2_reference': dict(starts=[()], args=dict(num_seeds=2)),
     'seeds2_kill': dict(starts=[(Fault('before_commit', 3),), ()], args=dict(num_seeds=2)),
+    # Promise 1 for a model with state (BatchNorm), dropout and augmentation: killed mid-epoch.
+    'bn_reference': dict(starts=[()], args=cu.CNN_BN),
+    'bn_kill': dict(starts=[(Fault('train_call', 4),), ()], args=cu.CNN_BN),
 }
 
 
@@ -237,7 +240,7 @@ def test_restart_retrains_exactly_the_steps_after_its_checkpoint(runs, name, res
   assert restart == list(range(resumed + 1, cu.TOTAL_STEPS + 1))
 
 
-@pytest.mark.parametrize('name', ['tfdata', 'seeds2'])
+@pytest.mark.parametrize('name', ['tfdata', 'seeds2', 'bn'])
 def test_other_modes_resume_bit_identical(runs, name):
   run = get(runs, f'{name}_kill')
   assert run['starts'][0]['result'].killed
@@ -264,7 +267,7 @@ def test_half_written_checkpoint_is_never_restored(runs, name, half_step):
 
 
 @pytest.mark.parametrize('name', KILLS + ['corrupt_newest', 'sigterm', 'tfdata_kill',
-                                  'seeds2_kill'])
+                                  'seeds2_kill', 'bn_kill'])
 def test_no_tmp_folders_after_the_next_start(runs, name):
   run = get(runs, name)
   assert run['starts'][-1]['tmp'] == []
@@ -464,6 +467,12 @@ CLI_CASES = [  # (override, field named in the one error line)
     (dict(optimizer_kwargs__decay=1.0), 'optimizer_kwargs.decay'),
     (dict(model__activation='nope'), 'model.activation'),
     (dict(dataset='no_such_dataset'), 'dataset'),
+    (dict(loss='hinge'), 'loss'),
+    (dict(metrics="('accuracy','top7')"), 'metrics'),
+    (dict(augment='shift(2)|blur(3)'), 'augment'),
+    (dict(augment='shift(-1)'), 'augment'),
+    (dict(loss_kwargs__label_smoothing=1.5), 'loss_kwargs.label_smoothing'),
+    (dict(weight_decay=-0.1), 'weight_decay'),
 ]
 
 

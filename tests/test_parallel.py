@@ -53,6 +53,16 @@ def overrides(input_mode: str, **more) -> dict:
           'steps_per_call': STEPS_PER_CALL, 'write_report': False, **more}
 
 
+# configs/cnn_bn.py shrunk: BatchNorm (its statistics are over the global batch), dropout and
+# augmentation, on the same data and batches.
+BN_OVERRIDES = {'input_mode': 'device', 'model.features': [4], 'model.hidden_sizes': [8],
+                'batch_size': BATCH_SIZE, 'eval_batch_size': EVAL_BATCH_SIZE,
+                'num_epochs': NUM_EPOCHS, 'steps_per_call': STEPS_PER_CALL, 'scan_unroll': 1,
+                'warmup_steps': 2, 'write_report': False}
+# Each BatchNorm adds two cross-device reductions per step in another order: a little more room.
+BN_RTOL, BN_ATOL = 1e-4, 1e-5
+
+
 def as_flags(fields: dict) -> list[str]:
   """The same overrides as run.py flags."""
   def value(v):
@@ -106,12 +116,15 @@ def launched(tmp_path_factory):
                                  '--config.cache_dir=none', '--config.download=False']),
       *[dict(name=mode, workdir=str(workdirs / f'{mode}8'), overrides=overrides(mode))
         for mode in MODES],
+      dict(name='bn', config='cnn_bn', workdir=str(workdirs / 'bn8'), overrides=BN_OVERRIDES),
       # The evaluation batch is split over the devices as well (last: today it fails late).
       dict(name='eval_batch12', workdir=str(workdirs / 'eval_batch12'),
            overrides=overrides('device', eval_batch_size=12, num_epochs=1)),
   ]
   jobs1 = [dict(name=mode, workdir=str(workdirs / f'{mode}1'), overrides=overrides(mode))
            for mode in MODES]
+  jobs1.append(dict(name='bn', config='cnn_bn', workdir=str(workdirs / 'bn1'),
+                    overrides=BN_OVERRIDES))
   state = dict(root=root, workdirs=workdirs, out8=root / 'out8', out1=root / 'out1')
   children = []
   try:
@@ -179,6 +192,25 @@ def test_8_devices_train_as_1_device(data_parallel, mode):
 @pytest.mark.parametrize('mode', MODES)
 def test_8_devices_give_1_device_params(data_parallel, mode):
   assert_same_params(params(data_parallel['out8'], mode), params(data_parallel['out1'], mode))
+
+
+def test_8_devices_train_a_batch_norm_model_as_1_device(data_parallel):
+  """BatchNorm normalizes with, and keeps, statistics of the global batch: split over 8
+  devices it trains as on one, its running statistics included."""
+  eight, one = (result(data_parallel[out], 'bn') for out in ('out8', 'out1'))
+  assert eight['exit_code'] == one['exit_code'] == 0
+  assert (eight['device_count'], one['device_count']) == (8, 1)
+  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=BN_RTOL, atol=BN_ATOL)
+  assert eight['summary']['test_accuracy'] == pytest.approx(one['summary']['test_accuracy'],
+                                                            abs=1e-9)
+  got, want = params(data_parallel['out8'], 'bn'), params(data_parallel['out1'], 'bn')
+  assert sorted(got) == sorted(want)
+  stats = [k for k in want if k.startswith("model_state['batch_stats']")]
+  assert len(stats) == 4  # Mean and variance of two BatchNorm layers.
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=BN_RTOL, atol=BN_ATOL, err_msg=key)
+  # They moved from their initial values (mean 0, variance 1), so the comparison means something.
+  assert np.abs(want["model_state['batch_stats']['BatchNorm_0']['mean']"]).max() > 1e-3
 
 
 def test_input_modes_agree_on_8_devices(data_parallel):

@@ -48,7 +48,7 @@ def run(seconds_per_step: float, interactive: bool, steps_per_update: int = 1) -
     bar.start_epoch(epoch)
     for steps in range(steps_per_update, STEPS + 1, steps_per_update):
       clock.now += seconds_per_step * steps_per_update
-      bar.update(steps, 0.5 / steps, 1 - 1 / steps)
+      bar.update(steps, dict(loss=0.5 / steps, accuracy=1 - 1 / steps))
     bar.end_epoch(epoch_line(epoch))
   return stream.getvalue()
 
@@ -76,7 +76,7 @@ def test_log_slow_epochs_rare_progress_lines():
   assert 10 <= len(progress_lines) <= 469 / 30 + 1
   # At steps 150 of epoch 1 (30 s in): 5 steps/s, (469 - 150) / 5 = 63.8 s left.
   assert progress_lines[0] == ('epoch 1/5: 150/469 steps, 5.0 steps/s, ETA 1:04, '
-                               f'loss {0.5 / 150:.4f} acc {1 - 1 / 150:.4f}')
+                               f'loss {0.5 / 150:.4f} accuracy {1 - 1 / 150:.4f}')
 
 
 def test_log_reads_lazy_values_only_when_printing():
@@ -87,11 +87,11 @@ def test_log_reads_lazy_values_only_when_printing():
   for steps in range(1, STEPS + 1):
     clock.now += 0.01
     assert not bar.due()
-    bar.update(steps, CountingFloat(0.1), CountingFloat(0.9))
+    bar.update(steps, dict(loss=CountingFloat(0.1), accuracy=CountingFloat(0.9)))
   assert CountingFloat.reads == 0
   clock.now += 30
   assert bar.due()
-  bar.update(STEPS, CountingFloat(0.1), CountingFloat(0.9))
+  bar.update(STEPS, dict(loss=CountingFloat(0.1), accuracy=CountingFloat(0.9)))
   assert CountingFloat.reads == 2
   assert not bar.due()
 
@@ -101,7 +101,7 @@ def test_interactive_bar_is_throttled():
   redraws = out.count('ETA')
   assert NUM_EPOCHS * 40 <= redraws <= NUM_EPOCHS * (4.69 / 0.1 + 1)
   assert '\r' in out
-  assert 'steps/s' in out and f'/{STEPS}' in out and 'loss ' in out and ' acc ' in out
+  assert 'steps/s' in out and f'/{STEPS}' in out and 'loss ' in out and ' accuracy ' in out
   # Each epoch's bar is cleared before its summary line; only summary lines end with newlines.
   lines = out.split('\n')
   assert len(lines) == NUM_EPOCHS + 1
@@ -120,12 +120,12 @@ def test_interactive_bar_contents():
   bar = progress.Progress(NUM_EPOCHS, STEPS, stream, interactive=True, clock=clock)
   bar.start_epoch(2)
   clock.now += 3.0  # Compilation.
-  bar.update(1, 2.0, 0.1)
+  bar.update(1, dict(loss=2.0, accuracy=0.1))
   clock.now += 1.0
-  bar.update(101, 0.25, 0.875)  # 100 steps/s since the first update: (469 - 101) / 100 s left.
+  bar.update(101, dict(loss=0.25, accuracy=0.875))  # 100 steps/s since the first update: (469 - 101) / 100 s left.
   last = stream.getvalue().split('\r')[-1]
   assert last.startswith('epoch 2/5 [#####')
-  assert ' 101/469  100.0 steps/s  ETA 0:04  loss 0.2500 acc 0.8750' in last
+  assert ' 101/469  100.0 steps/s  ETA 0:04  loss 0.2500 accuracy 0.8750' in last
   assert last.count('#') == round(30 * 101 / 469)
 
 
@@ -147,7 +147,7 @@ def test_close_ends_a_bar_left_on_screen():
   stream = io.StringIO()
   bar = progress.Progress(1, STEPS, stream, interactive=True, clock=FakeClock())
   bar.start_epoch(1)
-  bar.update(10, 0.5, 0.5)
+  bar.update(10, dict(loss=0.5, accuracy=0.5))
   bar.close()
   bar.close()
   assert stream.getvalue().endswith('\n') and stream.getvalue().count('\n') == 1

@@ -24,7 +24,7 @@ NUM_CLASSES = 3
 GOLDEN_INIT_PARAM_SUM = 0.9155979230999947  # sum of all parameters after init
 GOLDEN_INIT_PARAM_SUMSQ = 6.870586523620988  # sum of squares of all parameters after init
 GOLDEN_LOSS_SUM = 4.803771018981934  # summed cross-entropy over the 4 examples
-GOLDEN_CORRECT = 1.0
+GOLDEN_ACCURACY_SUM = 1.0  # examples classified right
 GOLDEN_COUNT = 4.0
 GOLDEN_PARAM_SUM = 0.8845985634252429  # after the step
 GOLDEN_PARAM_SUMSQ = 6.851667557375358  # after the step
@@ -85,7 +85,12 @@ def assert_trees_equal(a, b):
 
 
 def pick(sums):
-  return {k: float(sums[k]) for k in ('loss', 'correct', 'count')}
+  return {k: float(sums[k]) for k in ('loss', 'accuracy', 'count')}
+
+
+def train_chunk(state, batches, **kwargs):
+  """The chunk function the tf.data input mode calls (stacked batches, one run)."""
+  return steps.chunk_fns(resident=False, replicas=False).train(state, batches, **kwargs)
 
 
 # --- Golden ---------------------------------------------------------------------------------
@@ -101,7 +106,7 @@ def test_train_step_matches_golden(tiny):
   new_state, sums = steps.train_step_jit(make_state(tiny), golden_batch())
   got = pick(sums)
   np.testing.assert_allclose(got['loss'], GOLDEN_LOSS_SUM, rtol=GOLDEN_RTOL)
-  assert got['correct'] == GOLDEN_CORRECT
+  assert got['accuracy'] == GOLDEN_ACCURACY_SUM
   assert got['count'] == GOLDEN_COUNT
   np.testing.assert_allclose(checksums(new_state.params), (GOLDEN_PARAM_SUM, GOLDEN_PARAM_SUMSQ),
                              rtol=GOLDEN_RTOL)
@@ -139,7 +144,7 @@ def test_loss_is_mean_cross_entropy_by_hand(tiny):
   expected_correct = (logits.argmax(-1) == batch['label']).sum()
   sums = pick(steps.train_step_jit(state, batch)[1])
   np.testing.assert_allclose(sums['loss'], expected_loss, rtol=1e-5)
-  assert sums['correct'] == expected_correct
+  assert sums['accuracy'] == expected_correct
 
 
 # --- Padding ----------------------------------------------------------------------------------
@@ -212,21 +217,21 @@ def test_empty_step_in_train_chunk_is_a_no_op(tiny):
   """
   state, _ = steps.train_step_jit(make_state(tiny), golden_batch())
   before = host(state)
-  out = steps.train_chunk(state, stack(empty_like(golden_batch())))
+  out = train_chunk(state, stack(empty_like(golden_batch())))
   after, totals = out[0], out[1]
   assert_trees_equal(after.params, before.params)
   assert_trees_equal(after.opt_state, before.opt_state)
   assert int(after.step) == int(before.step) == 1
   assert_trees_equal(after, before)  # Every leaf of the state, the RNG included.
-  assert pick(totals) == dict(loss=0.0, correct=0.0, count=0.0)
+  assert pick(totals) == dict(loss=0.0, accuracy=0.0, count=0.0)
 
 
 def test_unguarded_chunk_without_empty_steps_equals_the_guarded_one(tiny):
   """guard_empty_steps=False (chunks with a real example at every step) computes the same."""
   chunk = stack(padded_batch(garbage_seed=4), dict(padded_batch(garbage_seed=5),
                                                     mask=np.ones(8, np.float32)))
-  guarded = steps.train_chunk(make_state(tiny), chunk)
-  unguarded = steps.train_chunk(make_state(tiny), chunk, guard_empty_steps=False)
+  guarded = train_chunk(make_state(tiny), chunk)
+  unguarded = train_chunk(make_state(tiny), chunk, guard_empty_steps=False)
   assert_trees_equal(host(unguarded[0]), host(guarded[0]))
   assert pick(unguarded[1]) == pick(guarded[1])
 
@@ -235,7 +240,7 @@ def test_without_the_guard_an_empty_step_would_move_the_optimizer(tiny):
   """Why the guard exists: unguarded, an empty step decays RMSprop's second moment."""
   state, _ = steps.train_step_jit(make_state(tiny), golden_batch())
   before = host(state)
-  after = host(steps.train_chunk(state, stack(empty_like(golden_batch())),
+  after = host(train_chunk(state, stack(empty_like(golden_batch())),
                                  guard_empty_steps=False)[0])
   assert_trees_equal(after.params, before.params)  # A zero gradient moves no parameter...
   assert int(after.step) == 2  # ...but the step counts,
@@ -247,9 +252,9 @@ def test_train_chunk_with_trailing_empty_steps_equals_the_real_steps(tiny):
   """[a, b, empty, empty] ends where [a, b] does, and where two single steps do."""
   batch_a = padded_batch(garbage_seed=4)  # 4 real + 4 padded.
   batch_b = dict(padded_batch(garbage_seed=5), mask=np.ones(8, np.float32))  # 8 real.
-  out = steps.train_chunk(make_state(tiny), stack(batch_a, batch_b))
+  out = train_chunk(make_state(tiny), stack(batch_a, batch_b))
   ref_state, ref_totals = host(out[0]), pick(out[1])
-  out = steps.train_chunk(make_state(tiny),
+  out = train_chunk(make_state(tiny),
                           stack(batch_a, batch_b, empty_like(batch_a, 2), empty_like(batch_a, 3)))
   padded_state, padded_totals = host(out[0]), pick(out[1])
   assert_trees_close(padded_state.params, ref_state.params)
@@ -274,8 +279,8 @@ def test_train_chunk_resident_equals_train_chunk(tiny):
                mask=np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32))
   batches = dict(image=data['image'][chunk['index']], label=data['label'][chunk['index']],
                  mask=chunk['mask'])
-  out_host = steps.train_chunk(make_state(tiny), batches)
-  out_dev = steps.train_chunk_resident(make_state(tiny), data, chunk)
+  out_host = train_chunk(make_state(tiny), batches)
+  out_dev = steps.chunk_fns(resident=True, replicas=False).train(make_state(tiny), data, chunk)
   assert_trees_close(out_dev[0].params, out_host[0].params)
   np.testing.assert_allclose(list(pick(out_dev[1]).values()), list(pick(out_host[1]).values()),
                              rtol=1e-6)

@@ -1,8 +1,19 @@
 """Models by name: `config.model.name = 'mlp'` loads `mnist_jax/models/mlp.py` and its `Model`.
 
-Adding a model means adding a module here that defines a Linen `Model(num_classes, **fields)`
-whose `__call__(images_BxHxWxC, train)` returns logits; its other config fields are passed as
-keyword arguments.
+The model contract. A model is a module here that defines a Linen `Model`:
+  * built as `Model(num_classes=..., **fields)`: its other `config.model` fields are passed as
+    keyword arguments;
+  * `__call__(images_BxHxWxC, train)` returns the logits [B, num_classes]; the images are
+    float32 in [0, 1]; `train` is True in the train step (dropout active, BatchNorm updating
+    its statistics) and False in evaluation;
+  * it may keep mutable collections besides 'params', e.g. BatchNorm's 'batch_stats': the
+    train step applies it with those collections mutable and keeps what comes back in
+    `TrainState.model_state`; evaluation uses them as stored; checkpoints, the parameter
+    fingerprint and the NaN/Inf check cover them;
+  * dropout draws from the 'dropout' rng stream, which the step derives from (seed, step);
+  * optional: a `mask` keyword argument. A model that takes one gets the batch's mask [B]
+    (1.0 for a real example, 0.0 for the padding of an epoch's last batch), e.g. to pass to
+    `nn.BatchNorm(...)(x, mask=...)` so that padding never enters the batch statistics.
 """
 
 import importlib

@@ -1,0 +1,97 @@
+"""What a run writes: metrics.jsonl and TensorBoard scalars, JSON files, and what summary.json
+records to identify a run (the state's fingerprint, the software versions)."""
+
+import hashlib
+import json
+import os
+import pathlib
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jaxlib
+import numpy as np
+import optax
+import tensorboardX
+
+
+def count_params(params) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def fingerprint(params, model_state: Mapping[str, Any] | None = None) -> str:
+  """sha256 over every array's path, dtype, shape and bytes: equal iff bit-identical.
+
+  Covers the parameters, then the model's other collections (e.g. BatchNorm's batch_stats),
+  if any; a model without them hashes exactly its parameters.
+  """
+  digest = hashlib.sha256()
+  for tree in (params, model_state or {}):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
+      leaf = np.asarray(leaf)
+      digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}'.encode())
+      digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+  device = jax.devices()[0]
+  return dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
+              flax=flax.__version__, optax=optax.__version__, backend=jax.default_backend(),
+              device=device.device_kind, device_count=str(jax.device_count()),
+              process_count=str(jax.process_count()))
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Writes atomically, so a reader (or a killed run) never sees half a file."""
+  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+
+
+def read_json(path: pathlib.Path) -> Any:
+  return json.loads(pathlib.Path(path).read_text())
+
+
+def read_history(workdir: pathlib.Path) -> list[dict]:
+  """The per-epoch records of metrics.jsonl; a resumed run's repeated epoch counts once."""
+  by_epoch = {}
+  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
+    record = json.loads(line)
+    by_epoch[record['epoch']] = record
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+class MetricLogger:
+  """Scalars to TensorBoard event files and to `metrics.jsonl`, one record per write.
+
+  The event files come from tensorboardX (protobuf and numpy only): clu's metric writers, and
+  TensorBoard's own writer where TensorFlow is installed, import TensorFlow, which would add
+  seconds to every run that otherwise needs none (benchmarks/train_speed.py, README).
+  """
+
+  def __init__(self, workdir: pathlib.Path, *, tensorboard: bool, enabled: bool = True):
+    self._enabled = enabled
+    if not enabled:
+      return
+    self._jsonl = open(workdir / 'metrics.jsonl', 'a')
+    self._writer = tensorboardX.SummaryWriter(str(workdir)) if tensorboard else None
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    self._jsonl.write(json.dumps(dict(step=step, **scalars)) + '\n')
+    self._jsonl.flush()
+    if self._writer:
+      for key, value in scalars.items():
+        if key != 'epoch' and isinstance(value, (int, float)):
+          self._writer.add_scalar(key, value, step)
+      self._writer.flush()  # A killed run keeps every epoch it logged.
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      if self._writer:
+        self._writer.close()
