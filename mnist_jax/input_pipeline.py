@@ -124,8 +124,10 @@ def _load_split(builder, split: str, download: bool, cache_dir: pathlib.Path | N
                 cache_key: str | None) -> Split:
   path = cache_dir / 'data' / f'{cache_key}-{split}.npz' if cache_dir and cache_key else None
   if path and path.exists():
-    with np.load(path) as cached:
-      return Split(cached['image'], cached['label'])
+    expected = (builder.info.splits[split].num_examples, *builder.info.features['image'].shape)
+    cached = read_cached_split(path, expected)
+    if cached is not None:
+      return cached
   decoded = _decode(builder, split, download)
   if path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +136,30 @@ def _load_split(builder, split: str, download: bool, cache_dir: pathlib.Path | N
     os.replace(tmp, path)  # Atomic: a concurrent or killed run never sees half a file.
     logging.info('Cached decoded %s/%s in %s', builder.name, split, path)
   return decoded
+
+
+def read_cached_split(path: pathlib.Path, shape_NxHxWxC: tuple[int, ...]) -> Split | None:
+  """The cached split at `path`, or None (with a one-line warning) if the file is damaged:
+  unreadable (truncated, not an npz), or not uint8 images [N, H, W, C] of the expected shape
+  with int32 labels [N]. The caller then decodes the split again and replaces the file."""
+  shape_NxHxWxC = tuple(shape_NxHxWxC)
+  try:
+    with np.load(path) as cached:
+      split = Split(cached['image'], cached['label'])
+    problem = None
+    if split.image.dtype != np.uint8 or split.image.shape != shape_NxHxWxC:
+      problem = (f'images {split.image.dtype}{list(split.image.shape)}, expected '
+                 f'uint8{list(shape_NxHxWxC)}')
+    elif split.label.dtype != np.int32 or split.label.shape != shape_NxHxWxC[:1]:
+      problem = (f'labels {split.label.dtype}{list(split.label.shape)}, expected '
+                 f'int32[{shape_NxHxWxC[0]}]')
+  except Exception as e:  # pylint: disable=broad-except  (zipfile, OS, key errors, ...)
+    problem = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else "unreadable"}'
+  if problem is None:
+    return split
+  print(f'warning: the cached data {path} is damaged ({problem}); decoding it again.',
+        flush=True)
+  return None
 
 
 def _decode(builder, split: str, download: bool) -> Split:
