@@ -89,7 +89,14 @@ def main(argv):
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     _exit(e.exit_code)
+  except KeyboardInterrupt:  # Outside training (which saves on Ctrl-C): nothing to save.
+    print('error: interrupted (Ctrl-C) outside training; what was written is intact. Run the '
+          'same command again to continue.', file=sys.stderr)
+    _exit(INTERRUPTED)
   _exit(0)
+
+
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped.
 
 
 def _exit(code: int) -> None:

@@ -1,8 +1,12 @@
 """Checkpoints with Orbax: save every N steps and at the end, keep the last K, resume the latest.
 
-A checkpoint holds the whole training state (params, optimizer state, step, RNG) and the running
-metric sums of the current epoch. The position in the data needs no saving: the data order is a
-pure function of (seed, epoch), so the step alone says where to continue.
+A checkpoint holds two items: 'state', the whole training state (params, the model's other
+collections, optimizer state, step, RNG) and the running metric sums of the current epoch; and
+'run', what the run was made with (the config fields that give the step and the state their
+meaning, and the steps per epoch: `train.run_identity`). The position in the data needs no
+saving: the data order is a pure function of (seed, epoch), so the step alone says where to
+continue, as long as the run is the same run; a workdir whose 'run' differs from the config is
+refused before anything is written (`IncompatibleCheckpoint`), naming the fields that differ.
 
 Crash safety (tests/test_crash_safety.py):
   * Orbax writes a checkpoint into '<step>.orbax-checkpoint-tmp' and renames it to '<step>' only
@@ -15,9 +19,14 @@ Crash safety (tests/test_crash_safety.py):
     count towards `keep`.
   * Checkpoints of another model or optimizer are refused with `IncompatibleCheckpoint`, and left
     as they are.
+  * A save that fails (a full disk, a lost mount) stops the run with one line
+    (`CheckpointSaveError`) naming the step, the folder and the newest intact checkpoint;
+    Orbax's own tracebacks from its background threads are kept out of the way.
 """
 
+import contextlib
 import datetime
+import errno
 import inspect
 import logging as std_logging
 import os
@@ -38,24 +47,50 @@ class IncompatibleCheckpoint(errors.UserError):
   pass
 
 
+class CheckpointSaveError(errors.UserError):
+  pass
+
+
+
 # How much of a restore error the warning quotes (TensorStore's messages run to kilobytes).
 _MAX_ERROR_CHARS = 300
 # Orbax's name for a checkpoint folder still being written: '<step>.orbax-checkpoint-tmp[...]'.
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
 
-class Checkpointer:
-  """A thin layer over `ocp.CheckpointManager` that restores the newest *valid* checkpoint."""
+STATE, RUN = 'state', 'run'  # The items of a checkpoint.
 
-  def __init__(self, directory: pathlib.Path, *, keep: int, asynchronous: bool = True):
+
+class Checkpointer:
+  """A thin layer over `ocp.CheckpointManager` that restores the newest *valid* checkpoint.
+
+  `read_only` (for evaluating a workdir that another run may be training in) neither creates
+  nor cleans anything up.
+  """
+
+  def __init__(self, directory: pathlib.Path, *, keep: int, asynchronous: bool = True,
+               read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
-    self._remove_unfinished()
-    self._manager = ocp.CheckpointManager(
-        self.directory, item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
-            cleanup_tmp_directories=True))
+    if not read_only:
+      self._remove_unfinished()
+    _quiet_orphaned_orbax_errors()
+    options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
+                                            create=False) if read_only else
+               ocp.CheckpointManagerOptions(
+                   max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
+                   cleanup_tmp_directories=True))
+    previous = logging.get_verbosity()
+    logging.set_verbosity(min(previous, logging.ERROR) if read_only else previous)
+    try:  # (Read only, Orbax warns that it is: as asked.)
+      self._manager = ocp.CheckpointManager(
+          self.directory, item_names=(STATE, RUN), options=options,
+          item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                         RUN: ocp.JsonCheckpointHandler()})
+    finally:
+      logging.set_verbosity(previous)
     self._unreadable: list[int] = []  # Skipped by restore_latest; set aside before a save.
+    self._in_flight: int | None = None  # The step of the save not yet known to be finished.
+    self._failed: CheckpointSaveError | None = None
 
   def _remove_unfinished(self) -> None:
     """Removes the temporary folders of saves a killed run left unfinished, now.
@@ -72,10 +107,58 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, item: Any) -> None:
-    """Starts an (async) save; the previous save is finished first."""
+  def save(self, step: int, item: Any, run: dict) -> None:
+    """Starts an (async) save of the state `item` and the run's identity; the previous save
+    is finished first. A failure of either raises CheckpointSaveError."""
+    self.wait()  # The previous save's failure is that save's, not this one's.
     self._set_aside_unreadable()
-    self._manager.save(step, args=ocp.args.StandardSave(item), force=True)
+    with self._saving(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardSave(item), RUN: ocp.args.JsonSave(run)}), force=True)
+    self._in_flight = step
+
+  @contextlib.contextmanager
+  def _saving(self, step: int):
+    """Turns a failed save (this one, or the one in flight) into one clear line."""
+    if self._failed:
+      raise self._failed
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      failed, self._in_flight = step, None
+      intact = [s for s in self.steps() if s < failed]
+      self._failed = CheckpointSaveError(
+          f'{_save_failure(e)} while saving the checkpoint at step {failed} in '
+          f'{self.directory}; '
+          + (f'the checkpoint at step {intact[-1]} is intact. ' if intact else
+             'no earlier checkpoint was finished. ')
+          + 'Fix that, then run the same command again to continue'
+          + (' from it.' if intact else '.'))
+      raise self._failed from None
+
+  def check_run(self, run: dict, may_differ: tuple[str, ...] = ()) -> dict | None:
+    """The 'run' item of the newest checkpoint that has a readable one (None: no checkpoint).
+
+    Raises IncompatibleCheckpoint if it was made by another run than `run` describes, naming
+    every field that differs, except those in `may_differ`.
+    """
+    for step in reversed(self.steps()):
+      try:
+        saved = self._manager.restore(step, args=ocp.args.Composite(
+            **{RUN: ocp.args.JsonRestore()}))[RUN]
+      except Exception:  # pylint: disable=broad-except  (restore_latest says which is bad)
+        continue
+      changed = sorted(k for k in set(saved) | set(run)
+                       if saved.get(k) != run.get(k) and k not in may_differ)
+      if changed:
+        fields = '; '.join(f'{k}: saved {saved.get(k, "(none)")!r}, now {run.get(k, "(none)")!r}'
+                           for k in changed)
+        raise IncompatibleCheckpoint(
+            f'{self.directory} holds checkpoints of another run, and resuming it would change '
+            f'what its step and state mean ({fields}). Use another --workdir, or the saved '
+            'values; num_epochs, evaluation, logging and checkpoint options may change.')
+      return saved
+    return None
 
   def restore_latest(self, template: Any) -> tuple[Any, int] | None:
     """The newest checkpoint that restores, shaped like `template`; None when there is none.
@@ -88,11 +171,11 @@ class Checkpointer:
     if not steps:
       return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    _quiet_orphaned_restore_errors()  # Before: they can come while a failed restore unwinds.
     for step in reversed(steps):
       self._check_compatible(step, abstract)
       try:
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
       except Exception as e:  # pylint: disable=broad-except
         why = f'{type(e).__name__}: {_first_line(e)}'
         logging.warning('Checkpoint at step %d in %s cannot be restored (%s); trying an older '
@@ -130,7 +213,7 @@ class Checkpointer:
   def _check_compatible(self, step: int, abstract: Any) -> None:
     """Compares saved array shapes with the config's, so a mismatch is a clear error."""
     try:
-      saved = self._manager.item_metadata(step)
+      saved = self._manager.item_metadata(step)[STATE]
     except Exception:  # pylint: disable=broad-except
       return  # Unreadable metadata: restoring will say which checkpoint is bad.
     saved_shapes, wanted_shapes = _shapes(saved), _shapes(abstract)
@@ -144,28 +227,52 @@ class Checkpointer:
           'the checkpoints were left as they are.')
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointSaveError if it failed (once)."""
+    if self._failed or self._in_flight is None:
+      return  # Nothing in flight (or it failed, and that was said already).
+    with self._saving(self._in_flight):
+      self._manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._failed:  # (A failed save raises again here: already said.)
+        raise
 
 
-def _quiet_orphaned_restore_errors() -> None:
-  """Keeps a failed restore's leftovers from printing tracebacks after the warning.
+def _save_failure(e: BaseException) -> str:
+  """What went wrong with a save, in a few words: 'no space left on device', or the error's
+  first line."""
+  chain, seen = [], e
+  while seen is not None and len(chain) < 10:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  texts = ' '.join(f'{type(x).__name__}: {x}' for x in chain)
+  if any(getattr(x, 'errno', None) == errno.ENOSPC for x in chain) or (
+      'No space left on device' in texts or "os_error_code='28'" in texts):
+    return 'no space left on device'
+  return f'{type(e).__name__}: {_first_line(e)}'
 
-  When one array of a checkpoint fails to read, Orbax gives up on the restore and closes its
-  event loop while TensorStore is still reading the others; their completions then raise
-  'Event loop is closed' (or leave an unretrieved coroutine error) in the background, during
-  or after the failed restore, which Python prints as tracebacks through
-  `sys.unraisablehook`, and asyncio logs the other reads' errors as 'Task exception was never
-  retrieved' with a traceback. Those say nothing the warning does not, so they are logged at
-  debug level instead; every other unraisable error or asyncio log record goes where it went
-  before. Installed once per process, by the first restore.
+
+def _quiet_orphaned_orbax_errors() -> None:
+  """Keeps a failed restore's or save's leftovers from printing tracebacks after our line.
+
+  When one array of a checkpoint fails to read (or write: a full disk), Orbax gives up and
+  closes its event loop while TensorStore is still busy with the others; their completions
+  then raise 'Event loop is closed' (or leave an unretrieved coroutine error) in the
+  background, which Python prints as tracebacks through `sys.unraisablehook`; asyncio logs
+  the other reads' errors as 'Task exception was never retrieved' with a traceback; and a
+  failed save's background threads log their errors with tracebacks. Those say nothing the
+  warning or the error line does not, so they are logged at debug level instead; every other
+  unraisable error or log record goes where it went before. Installed once per process.
   """
   previous = sys.unraisablehook
   if getattr(previous, '_mnist_jax_quiet', False):
     return
   std_logging.getLogger('asyncio').addFilter(_drop_orphaned_tensorstore_reads)
+  std_logging.getLogger('absl').addFilter(_drop_failed_save_logs)
 
   def hook(unraisable):
     orphan = (isinstance(unraisable.exc_value, RuntimeError)
@@ -188,6 +295,14 @@ def _drop_orphaned_tensorstore_reads(record: std_logging.LogRecord) -> bool:
   if orphan:
     logging.debug('Ignored after a failed checkpoint restore: %s', _first_line(error))
   return not orphan
+
+
+def _drop_failed_save_logs(record: std_logging.LogRecord) -> bool:
+  """Orbax's error logs of a failed background save (CheckpointSaveError says it in a line)."""
+  failed_save = record.levelno >= std_logging.ERROR and 'orbax' in record.pathname
+  if failed_save:
+    logging.debug('Orbax: %s', record.getMessage()[:_MAX_ERROR_CHARS])
+  return not failed_save
 
 
 def _first_line(e: Exception) -> str:

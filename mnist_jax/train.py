@@ -10,14 +10,13 @@ optimizer state, step, RNG and position in the data as the run that wrote it.
 """
 
 import dataclasses
+import errno
 import functools
 import io
 import json
 import os
 import pathlib
-import signal
 import sys
-import threading
 import time
 
 import jax
@@ -31,9 +30,11 @@ from mnist_jax import input_pipeline
 from mnist_jax import metrics
 from mnist_jax import models
 from mnist_jax import optim
+from mnist_jax import preemption
 from mnist_jax import progress as progress_lib
 from mnist_jax import steps
 from mnist_jax import validation
+from mnist_jax import workdir as workdir_lib
 from mnist_jax import writers
 
 
@@ -73,6 +74,7 @@ class Setup:
   state: steps.TrainState
   num_params: int
   cache_dir: pathlib.Path | None
+  identity: dict  # What the run is (saved in every checkpoint): see `run_identity`.
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -106,7 +108,32 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   state = jax.jit(init, out_shardings=mode.replicated,
                   compiler_options=dict(xla_backend_optimization_level=1))(rng)
   num_params = writers.count_params(state.params) // config.num_seeds
-  return Setup(info, mode_name, mode, task, state, num_params, cache_dir)
+  return Setup(info, mode_name, mode, task, state, num_params, cache_dir,
+               run_identity(config, mode))
+
+
+# Config fields a resumed run may change: they leave what a saved step and state mean as it
+# was (more epochs continue the training). Every other field, and the steps per epoch, must
+# match the checkpoints' (`checkpoint.Checkpointer.check_run`).
+RESUMABLE_FIELDS = ('num_epochs', 'eval_split', 'eval_batch_size', 'data_dir', 'download',
+                    'cache_dir', 'input_mode', 'steps_per_call', 'scan_unroll',
+                    'checkpoint_every_steps', 'checkpoint_keep', 'checkpoint_async',
+                    'write_tensorboard', 'write_report')
+
+
+def run_identity(config: ml_collections.ConfigDict, mode: input_modes.InputMode) -> dict:
+  """The config fields that define the run, flattened ('model.features': [32, 64]), and the
+  number of training examples and steps per epoch."""
+  def flatten(tree, prefix=''):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f'{prefix}{key}.')
+      elif key not in RESUMABLE_FIELDS or prefix:
+        yield f'{prefix}{key}', value
+
+  identity = dict(flatten(config.to_dict()), train_examples=len(mode.train),
+                  steps_per_epoch=mode.steps_per_epoch)
+  return json.loads(json.dumps(identity))  # As JSON gives it back: tuples are lists.
 
 
 def replica(tree, i: int, num_replicas: int):
@@ -164,63 +191,77 @@ def _write_header(workdir: pathlib.Path, config, run: Setup) -> None:
         f'{jax.device_count()}x {jax.devices()[0].device_kind}', flush=True)
 
 
-class Preempted(errors.UserError):
-  """SIGTERM arrived: the state was saved; rerunning in the same workdir continues from it."""
-  exit_code = 143  # 128 + SIGTERM, as a shell reports a TERM'd process.
-
-  def __init__(self, step: int, directory):
-    super().__init__(f'SIGTERM: saved the checkpoint at step {step} in {directory}; run again '
-                     'with the same --workdir to continue from it.')
-
-
-class _Preemption:
-  """Turns SIGTERM (a preemption notice) into a flag the loop checks after every call."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+class DiskFull(errors.UserError):
+  pass
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` into `workdir`; returns the final summary (also in summary.json)."""
+  """Trains `config` into `workdir`; returns the final summary (also in summary.json).
+
+  Holds the workdir's lock throughout: a second run in the same workdir is refused.
+  """
   start = time.perf_counter()
-  run = setup(config)
+  run = setup(config)  # Validates the config first: a bad one writes nothing.
   workdir = pathlib.Path(workdir)
+  workdir_lib.prepare(workdir)
+  try:
+    with workdir_lib.hold(workdir):
+      return _train_and_finish(config, run, workdir, start)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise DiskFull(f'no space left on device writing {e.filename or workdir}; what was written '
+                   'before is intact. Free some space, then run the same command again to '
+                   'continue from the last checkpoint.') from None
+
+
+def _train_and_finish(config, run: Setup, workdir: pathlib.Path, start: float) -> dict:
   is_writer = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.checkpoint_keep,
                                  asynchronous=config.checkpoint_async)
   logger = None
   try:
+    saved = ckpt.check_run(_run_record(config, run), may_differ=('num_epochs',))
     restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=run.mode.zero_sums()))
+    if saved and restored:
+      _warn_if_the_schedule_moved(config, run, saved['num_epochs'], restored[1])
     if is_writer:
       _write_header(workdir, config, run)
     logger = writers.MetricLogger(workdir, tensorboard=config.write_tensorboard,
                                   enabled=is_writer)
-    with _Preemption() as preemption:
+    with preemption.Stopper() as stopper:
       state, record, train_seconds = _train_loop(config, run, ckpt, logger, restored,
-                                                 preemption, start)
+                                                 stopper, start)
   finally:  # Also on errors: finish the pending save, so the last checkpoint stays whole.
-    ckpt.wait()
-    ckpt.close()
-    if logger:
-      logger.close()
+    try:
+      ckpt.wait()
+    finally:
+      ckpt.close()
+      if logger:
+        logger.close()
   return _finish(workdir, config, run, state, record, train_seconds, start, is_writer)
 
 
-def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
+def _run_record(config, run: Setup) -> dict:
+  """What a checkpoint records of its run: its identity, and the epochs it was to train."""
+  return dict(run.identity, num_epochs=config.num_epochs)
+
+
+def _warn_if_the_schedule_moved(config, run: Setup, saved_epochs: int, step: int) -> None:
+  """More (or fewer) epochs than the checkpoints' run: say so if the learning rate from here
+  on differs from the one that run would have used (a schedule that spans the run)."""
+  if saved_epochs == config.num_epochs:
+    return
+  spe = run.mode.steps_per_epoch
+  old, new = (optim.create_schedule(config, spe * e) for e in (saved_epochs, config.num_epochs))
+  ahead = np.linspace(step, spe * min(saved_epochs, config.num_epochs), 16).astype(int)
+  if not np.allclose([old(s) for s in ahead], [new(s) for s in ahead], rtol=1e-6, atol=0):
+    print(f'warning: num_epochs is {config.num_epochs}, the checkpoints\' run had '
+          f'{saved_epochs}: from step {step} on, the learning-rate schedule follows the new '
+          f'length ({spe * config.num_epochs} steps).', flush=True)
+
+
+def _train_loop(config, run: Setup, ckpt, logger, restored, stopper, start):
   mode, state, epoch_sums = run.mode, run.state, run.mode.zero_sums()
   if restored:
     state, epoch_sums = restored[0]['state'], restored[0]['epoch_sums']
@@ -245,15 +286,16 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
       unchecked.append((per_step, previous, step))
       if progress.due():
         progress.update(step - epoch * spe, _running(epoch_sums, run.task))
-      # A SIGTERM in an epoch's last call waits for the epoch's end (evaluation, record, sums
+      # A stop in an epoch's last call waits for the epoch's end (evaluation, record, sums
       # reset), so the checkpoint never holds a finished epoch whose record is missing.
-      stop_now = preemption.requested and step % spe
-      if stop_now or (every and step // every > previous // every and step % spe):
+      stop = stopper.stop_signal()
+      if (stop and step % spe) or (every and step // every > previous // every and step % spe):
         _check_finite(unchecked)
-        ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
-      if stop_now:
+        ckpt.save(step, dict(state=state, epoch_sums=epoch_sums), _run_record(config, run))
+      if stop and step % spe:
+        ckpt.wait()
         progress.close()
-        raise Preempted(step, ckpt.directory)
+        raise preemption.Preempted(stop, step, ckpt.directory)
     _check_finite(unchecked)  # Also waits for the epoch to finish.
     epoch_seconds = time.perf_counter() - epoch_start
     train_seconds += epoch_seconds
@@ -263,11 +305,12 @@ def _train_loop(config, run: Setup, ckpt, logger, restored, preemption, start):
                   elapsed_s=time.perf_counter() - start)
     logger.write(step, record)
     epoch_sums = mode.zero_sums()
-    ckpt.save(step, dict(state=state, epoch_sums=epoch_sums))
+    ckpt.save(step, dict(state=state, epoch_sums=epoch_sums), _run_record(config, run))
     progress.end_epoch(_epoch_line(record, run.task, config.num_epochs))
-    if preemption.requested and epoch + 1 < config.num_epochs:
+    if stop and epoch + 1 < config.num_epochs:
+      ckpt.wait()
       progress.close()
-      raise Preempted(step, ckpt.directory)
+      raise preemption.Preempted(stop, step, ckpt.directory)
   return state, record, train_seconds
 
 
@@ -328,7 +371,10 @@ def _write_report(workdir: pathlib.Path, config, run: Setup, state, summary: dic
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the newest valid checkpoint in `workdir` without training."""
   run = setup(config)
-  ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints', keep=config.checkpoint_keep)
+  # Read only: another run may be training in this workdir; nothing here is changed.
+  ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints',
+                                 keep=config.checkpoint_keep, read_only=True)
+  ckpt.check_run(_run_record(config, run), may_differ=('num_epochs',))
   restored = ckpt.restore_latest(dict(state=run.state, epoch_sums=run.mode.zero_sums()))
   if restored is None:
     raise errors.UserError(f'No checkpoint in {ckpt.directory} to evaluate.')
