@@ -9,7 +9,7 @@ compiles and trains on its own, exactly as a fresh `python run.py` would.
 
 What a child can do besides running run.py (all by wrapping functions in the child only):
   * record every real train step to a JSON-lines file, flushed after each call: the global step,
-    its loss and gradient norm, and the example indices of its batch (the data order);
+    its loss, and the example indices of its batch (the data order);
   * write fingerprints of the final TrainState (params, optimizer state, step, RNG) to a file;
   * inject faults (`Fault`): SIGKILL or SIGTERM itself at the Nth train call, before or right
     after the Nth `Checkpointer.save` (the asynchronous write still in flight), inside Orbax's
@@ -88,16 +88,19 @@ class Fault:
       created, no array written yet), 'before_commit' (inside Orbax: the nth checkpoint is
       written into its temporary folder and about to be renamed into place).
   n: 1-based count of such events in this process.
-  do: 'KILL' (SIGKILL), 'TERM' (SIGTERM, as a preemption notice) or 'NAN' (NaN parameters; only
-      with at='before_train_call').
+  do: 'KILL' (SIGKILL), 'TERM' (SIGTERM, as a preemption notice), 'INT' (SIGINT, as Ctrl-C),
+      'NAN' (NaN parameters; only with at='before_train_call') or 'WAIT' (pause until the file
+      `release` exists: another process can act while this one is mid-run).
   """
   at: str
   n: int
   do: str = 'KILL'
+  release: str = ''
 
   def __post_init__(self):
-    if self.at not in AT or self.do not in ('KILL', 'TERM', 'NAN') or self.n < 1 or (
-        (self.do == 'NAN') != (self.at == 'before_train_call')):
+    if self.at not in AT or self.do not in DO or self.n < 1 or (
+        (self.do == 'NAN') != (self.at == 'before_train_call')) or (
+            (self.do == 'WAIT') != bool(self.release)):
       raise ValueError(f'not a fault: {self}')
 
   def describe(self) -> str:
@@ -105,6 +108,8 @@ class Fault:
 
 
 AT = ('train_call', 'before_train_call', 'save', 'saved', 'tmp_created', 'before_commit')
+DO = ('KILL', 'TERM', 'INT', 'NAN', 'WAIT')
+WAITING_MARK = '.waiting'  # `<release>.waiting` exists while a WAIT fault holds its process.
 
 
 @dataclasses.dataclass
@@ -220,9 +225,27 @@ def _child_main(spec: dict) -> None:
 
 def _kill(how: str) -> None:
   sys.stdout.flush()
-  os.kill(os.getpid(), {'KILL': signal.SIGKILL, 'TERM': signal.SIGTERM}[how])
+  os.kill(os.getpid(), {'KILL': signal.SIGKILL, 'TERM': signal.SIGTERM, 'INT': signal.SIGINT}[how])
   if how == 'KILL':
     time.sleep(60)  # Never reached.
+
+
+def _wait_for(release: str, timeout_s: float = 120) -> None:
+  """Signals that this process is waiting, then waits until `release` exists."""
+  pathlib.Path(release + WAITING_MARK).write_text(str(os.getpid()))
+  deadline = time.monotonic() + timeout_s
+  while not pathlib.Path(release).exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+
+
+def wait_until_waiting(release, child: 'Child', timeout_s: float = 120) -> None:
+  """In the test: until `child`'s WAIT fault holds it (it made `<release>.waiting`)."""
+  deadline = time.monotonic() + timeout_s
+  while not pathlib.Path(str(release) + WAITING_MARK).exists():
+    if child.process.exitcode is not None or time.monotonic() > deadline:
+      raise AssertionError(f'the child never waited on {release}:\n'
+                           f'{child.wait(1).explain()}')
+    time.sleep(0.05)
 
 
 class _Faults:
@@ -232,9 +255,13 @@ class _Faults:
     self.counts = {}
 
   def hit(self, at: str) -> list[str]:
-    """Counts an event; returns what the faults planned for it do."""
+    """Counts an event; returns what the faults planned for it do (WAITs done already)."""
     self.counts[at] = self.counts.get(at, 0) + 1
-    return [f['do'] for f in self.faults if f['at'] == at and f['n'] == self.counts[at]]
+    planned = [f for f in self.faults if f['at'] == at and f['n'] == self.counts[at]]
+    for fault in planned:
+      if fault['do'] == 'WAIT':
+        _wait_for(fault['release'])
+    return [f['do'] for f in planned if f['do'] != 'WAIT']
 
   def fire(self, at: str) -> None:
     for do in self.hit(at):
@@ -287,9 +314,9 @@ def _install_hooks(spec: dict) -> None:
 
   original_save = checkpoint.Checkpointer.save
 
-  def save(self, step, item):
+  def save(self, step, *args):
     faults.fire('save')
-    original_save(self, step, item)
+    original_save(self, step, *args)
     faults.fire('saved')
 
   checkpoint.Checkpointer.save = save

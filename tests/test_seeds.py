@@ -22,7 +22,7 @@ def seed_runs(tmp_path_factory):
 def _final_params(workdir):
   steps = checkpoint.Checkpointer(workdir / 'checkpoints', keep=3).steps()
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  item = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / str(steps[-1]) / 'default')
+  item = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / str(steps[-1]) / 'state')
   return item['state']['params']
 
 
