@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from mnist_jax import distributed
 from mnist_jax import errors
 from mnist_jax import config_doc
+from mnist_jax import sweeps
 from mnist_jax import train
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'mlp.py'
@@ -61,6 +62,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     typo = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', text)
     if typo:
       text = f'the config has no field {typo[2]!r}; did you mean {typo[1]!r}?'
+    sweepable = sorted((*sweeps.CONFIG_FIELDS, *sweeps.optimizer_fields()))
+    unknown = [m[1] for m in map(re.compile(r'--config\.sweep\.(\w+)').match, argv)
+               if m and m[1] not in sweepable]
+    if unknown:
+      text = (f'the config has no field {"sweep." + unknown[0]!r}; fields that can be swept: '
+              f"{', '.join(sweepable)}.")
     print(f'error: {text} (python run.py --help lists the flags and config fields)',
           file=sys.stderr)
     sys.exit(2)

@@ -128,7 +128,7 @@ def time_epochs(config, num_epochs: int) -> dict:
     jax.block_until_ready((state, per_step))
     epoch_seconds.append(time.perf_counter() - start)
   test = mode.evaluate(state)
-  acc = float(np.mean(test['correct'] / test['count']))
+  acc = float(np.mean(test['accuracy'] / test['count']))
   return dict(run=run, epoch_seconds=epoch_seconds, test_accuracy=acc)
 
 

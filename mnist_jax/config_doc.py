@@ -159,9 +159,44 @@ def fields(config_path: str) -> list[tuple[str, str, str]]:
   sources = _source_fields(pathlib.Path(config_path).read_text())
   leaves = _leaves(load_config(config_path))
   missing = _Source(sys.maxsize, '', '')
-  ordered = sorted(leaves, key=lambda name: (sources.get(name, missing).line, name))
-  return [(name, _default_text(sources.get(name, missing).default, leaves[name]),
-           sources.get(name, missing).meaning) for name in ordered]
+
+  def source(name: str) -> _Source:
+    """The leaf's own source, else its nearest assigned parent's (`config.x = make_dict()`)."""
+    parts = name.split('.')
+    for end in range(len(parts), 0, -1):
+      found = sources.get('.'.join(parts[:end]))
+      if found:
+        return found if end == len(parts) else found._replace(default='')
+    return missing
+
+  ordered = sorted(leaves, key=lambda name: (source(name).line, name))
+  return [(name, _default_text(source(name).default, leaves[name]), source(name).meaning)
+          for name in ordered]
+
+
+# A run of at least this many sibling fields with the same default and meaning (a dict built
+# by a function, such as config.sweep) is one row of the tables: 'sweep.<name>'.
+_COLLAPSE_AT = 4
+
+
+def table_rows(config_path: str) -> list[tuple[str, str, str]]:
+  """The rows of the tables: `fields`, with runs of alike siblings collapsed into one."""
+  rows, out = fields(config_path), []
+  i = 0
+  while i < len(rows):
+    parent, default, meaning = rows[i][0].rpartition('.')[0], rows[i][1], rows[i][2]
+    j = i
+    while (j < len(rows) and parent and rows[j][0].rpartition('.')[0] == parent
+           and rows[j][1:] == (default, meaning)):
+      j += 1
+    if j - i >= _COLLAPSE_AT:
+      names = ', '.join(name.rpartition('.')[2] for name, _, _ in rows[i:j])
+      out.append((f'{parent}.<name>', default, f'{meaning} <name> is one of: {names}.'))
+      i = j
+    else:
+      out.append(rows[i])
+      i += 1
+  return out
 
 
 def _markdown_cell(text: str) -> str:
@@ -171,13 +206,13 @@ def _markdown_cell(text: str) -> str:
 def markdown_table(config_path: str) -> str:
   rows = ['| field | default | meaning |', '| --- | --- | --- |']
   rows += [f'| `{name}` | `{_markdown_cell(default)}` | {_markdown_cell(meaning)} |'
-           for name, default, meaning in fields(config_path)]
+           for name, default, meaning in table_rows(config_path)]
   return '\n'.join(rows) + '\n'
 
 
 def text_table(config_path: str, width: int = 100) -> str:
   """Aligned columns for `--help`; long meanings wrap under the meaning column."""
-  rows = fields(config_path)
+  rows = table_rows(config_path)
   name_width = max(len(name) for name, _, _ in rows)
   default_width = max(len(default) for _, default, _ in rows)
   indent = ' ' * (name_width + default_width + 4)

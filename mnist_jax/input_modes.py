@@ -10,6 +10,7 @@ its devices (`jax.make_array_from_process_local_data`).
 """
 
 import math
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -29,18 +30,20 @@ class InputMode:
   """Feeds the train and eval steps: plans which examples each step of an epoch sees, in
   chunks of steps, and calls the jitted chunk functions of `steps` on them.
 
-  With `num_replicas` N > 1, N independent runs (seeds seed..seed+N-1) train at once: the state
-  and the plan get a leading replica axis [N, ...] and the vmapped chunk functions run.
+  With N > 1 `seeds`, N independent replicas (seeds[i] orders replica i's data) train at
+  once: the state and the plan get a leading replica axis [N, ...] and the vmapped chunk
+  functions run.
   """
   resident = False  # Whether the dataset lives on the device (see steps.chunk_fns).
 
   def __init__(self, splits: dict[str, input_pipeline.Split], *, train_split: str,
-               eval_split: str, seed: int, batch_size: int, eval_batch_size: int,
-               steps_per_call: int, scan_unroll: int = 1, num_replicas: int = 1,
+               eval_split: str, seeds: Sequence[int], batch_size: int, eval_batch_size: int,
+               steps_per_call: int, scan_unroll: int = 1,
                task: steps.Task = steps.DEFAULT_TASK):
     self.train, self.eval = splits[train_split], splits[eval_split]
-    self.seed, self.batch_size, self.unroll = seed, batch_size, scan_unroll
-    self.num_replicas, self.task = num_replicas, task
+    self.seeds, self.batch_size, self.unroll = list(seeds), batch_size, scan_unroll
+    self.num_replicas, self.task = len(self.seeds), task
+    num_replicas = self.num_replicas
     self._fns = steps.chunk_fns(self.resident, num_replicas > 1)
     self._batch_axis = 1 if num_replicas == 1 else 2  # Of plan [(N,) K, B] and batch arrays.
     self.steps_per_epoch = math.ceil(len(self.train) / batch_size)
@@ -63,9 +66,8 @@ class InputMode:
     Each chunk holds 'index' and 'mask' [K, B], or [N, K, B] for N replicas.
     """
     if self.num_replicas == 1:
-      return self._replica_chunks(self.seed, epoch, start)
-    per_replica = [self._replica_chunks(self.seed + i, epoch, start)
-                   for i in range(self.num_replicas)]
+      return self._replica_chunks(self.seeds[0], epoch, start)
+    per_replica = [self._replica_chunks(seed, epoch, start) for seed in self.seeds]
     return [{k: np.stack([chunks[c][k] for chunks in per_replica]) for k in ('index', 'mask')}
             for c in range(len(per_replica[0]))]
 

@@ -64,18 +64,24 @@ def add_sums(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> dict[str
   return {k: a[k] + b[k] for k in a}
 
 
-def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def summarize(sums: Mapping[str, Any], prefix: str = '',
+              alive: np.ndarray | None = None) -> dict[str, Any]:
   """Means over the real examples, e.g. {'test_loss': ..., 'test_accuracy': ...}.
 
-  Sums with a replica axis [N] give the mean over replicas, plus each replica's value
-  (`*_per_replica`) and the standard deviation (`*_std`).
+  Sums with a replica axis [N] give the mean over replicas (those `alive`, if given: a
+  diverged replica of a sweep does not count), plus each replica's value (`*_per_replica`)
+  and the standard deviation (`*_std`).
   """
   sums = jax.device_get(sums)
   count = np.maximum(np.asarray(sums[COUNT], np.float64), 1.0)
   values = {k: np.asarray(v) / count for k, v in sums.items() if k != COUNT}
-  summary = {f'{prefix}{k}': float(np.mean(v)) for k, v in values.items()}
-  if count.ndim:
-    for k, v in values.items():
-      summary[f'{prefix}{k}_per_replica'] = [float(x) for x in v]
-      summary[f'{prefix}{k}_std'] = float(np.std(v))
+  if not count.ndim:
+    return {f'{prefix}{k}': float(v) for k, v in values.items()}
+  alive = np.ones(count.shape, bool) if alive is None else np.asarray(alive, bool)
+  summary = {}
+  for k, v in values.items():
+    summary[f'{prefix}{k}'] = float(np.mean(v[alive])) if alive.any() else float('nan')
+  for k, v in values.items():
+    summary[f'{prefix}{k}_per_replica'] = [float(x) for x in v]
+    summary[f'{prefix}{k}_std'] = float(np.std(v[alive])) if alive.any() else float('nan')
   return summary

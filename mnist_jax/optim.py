@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import optax
 
+from mnist_jax import sweeps
+
 
 def decay_mask(params):
   """True for the leaves weight decay applies to: kernels; not biases or norm scales (1-D)."""
@@ -28,41 +30,67 @@ def accepts(make, argument: str) -> bool:
   return argument in inspect.signature(make).parameters
 
 
-def _schedule_defaults(config: ml_collections.ConfigDict, decay_steps: int) -> dict:
-  lr = config.learning_rate
-  return dict(value=lr, init_value=lr, peak_value=lr, decay_steps=decay_steps,
-              transition_steps=decay_steps)
+def _schedule_defaults(learning_rate: float, decay_steps: int) -> dict:
+  return dict(value=learning_rate, init_value=learning_rate, peak_value=learning_rate,
+              decay_steps=decay_steps, transition_steps=decay_steps)
 
 
-def create_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def create_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                    learning_rate: float | None = None) -> optax.Schedule:
   """`optax.<lr_schedule>(**lr_schedule_kwargs)` after `warmup_steps` of linear warmup.
 
-  Its missing arguments come from the config: the learning rate as its value/peak, and the
-  steps after the warmup as its decay/transition steps.
+  Its missing arguments come from the config: the learning rate (or `learning_rate`) as its
+  value/peak, and the steps after the warmup as its decay/transition steps.
   """
+  lr = config.learning_rate if learning_rate is None else learning_rate
   warmup = config.warmup_steps
   make = getattr(optax, config.lr_schedule)
-  kwargs = {k: v for k, v in _schedule_defaults(config, max(total_steps - warmup, 1)).items()
+  kwargs = {k: v for k, v in _schedule_defaults(lr, max(total_steps - warmup, 1)).items()
             if accepts(make, k)}
   kwargs.update(config.lr_schedule_kwargs)
   schedule = make(**kwargs)
   if not warmup:
     return schedule
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, config.learning_rate, warmup), schedule], [warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     total_steps: int) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                     swept: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """The chain of the module docstring. With `swept` hyperparameters (a sweep, sweeps.py), the
+  whole chain is built inside `optax.inject_hyperparams`, so their values are optimizer state
+  that each replica sets to its own (`sweeps.assign`); the learning rate then scales the
+  schedule built at rate 1."""
+  swept = tuple(name for name in swept if name in sweeps.optimizer_hyperparameters(config))
+  if not swept:
+    return _chain(config, total_steps, {})
+  factory = lambda **values: _chain(config, total_steps, values)
+  # inject_hyperparams reads the hyperparameters' names from the factory's signature.
+  factory.__signature__ = inspect.Signature(
+      [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in swept])
+  return optax.inject_hyperparams(factory)(**{name: float(sweeps.config_value(config, name))
+                                              for name in swept})
+
+
+def _chain(config: ml_collections.ConfigDict, total_steps: int,
+           values: dict) -> optax.GradientTransformation:
+  """The chain, with `values` (swept hyperparameters, traced) in place of the config's."""
   make = getattr(optax, config.optimizer)
   kwargs = dict(config.optimizer_kwargs)
+  kwargs.update({k: v for k, v in values.items()
+                 if accepts(make, k) and k not in ('learning_rate', 'weight_decay')})
+  clip = values.get('grad_clip_norm', config.grad_clip_norm)
+  decay = values.get('weight_decay', config.weight_decay)
   chain = []
-  if config.grad_clip_norm:
-    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if 'grad_clip_norm' in values or config.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(clip))
   if accepts(make, 'weight_decay'):  # Decoupled (AdamW-style), inside the optimizer.
-    kwargs.update(weight_decay=config.weight_decay,
-                  **({'mask': decay_mask} if accepts(make, 'mask') else {}))
-  elif config.weight_decay:  # Added to the gradient (SGD-style L2), before the optimizer.
-    chain.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
-  tx = make(learning_rate=create_schedule(config, total_steps), **kwargs)
+    kwargs.update(weight_decay=decay, **({'mask': decay_mask} if accepts(make, 'mask') else {}))
+  elif 'weight_decay' in values or config.weight_decay:  # Added to the gradient (SGD's L2).
+    chain.append(optax.add_decayed_weights(decay, mask=decay_mask))
+  if 'learning_rate' in values:
+    unit, peak = create_schedule(config, total_steps, learning_rate=1.0), values['learning_rate']
+    schedule = lambda count: peak * unit(count)
+  else:
+    schedule = create_schedule(config, total_steps)
+  tx = make(learning_rate=schedule, **kwargs)
   return optax.chain(*chain, tx) if chain else tx

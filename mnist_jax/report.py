@@ -116,27 +116,76 @@ def _plot_worst(fig, cell, worst: dict, num_errors: int) -> None:
     ax.set_axis_off()
 
 
-def _title(final: dict, config: dict) -> str:
+def _title(final: dict, config: dict, summary: dict | None = None) -> str:
   model, optimizer = _names(config)
   epochs = f"{final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}"
   name = headline(final)
+  if summary and summary.get('swept'):
+    best = summary['best']
+    return (f"{config.get('dataset', '')} {model}, {optimizer}: sweep of "
+            f"{len(summary['replicas'])} replicas, best test {name.replace('_', ' ')} "
+            f"{best[f'test_{name}']:.4f} ({best['replica']}) after {epochs}").strip()
   return (f"{config.get('dataset', '')} {model}, {optimizer}: test {name.replace('_', ' ')} "
           f"{final[f'test_{name}']:.4f} after {epochs}").strip()
 
 
-def _figure(history, confusion, worst, config) -> Figure:
+def _figure(history, confusion, worst, config, summary=None) -> Figure:
+  """Curves (or, for a sweep, one curve per replica and the result against the swept value),
+  the confusion matrix and the most confident mistakes (of the best replica of a sweep)."""
   fig = Figure(figsize=FIGSIZE, dpi=DPI)
   FigureCanvasAgg(fig)
   grid = gridspec.GridSpec(2, 2, figure=fig, left=0.05, right=0.97, top=0.9, bottom=0.06,
                            hspace=0.3, wspace=0.15)
-  names = metric_names(history[-1])  # One curve panel each, side by side in the top row.
-  curves = grid[0, :].subgridspec(1, len(names), wspace=0.2)
-  for i, name in enumerate(names):
-    _plot_curves(fig.add_subplot(curves[0, i]), history, name)
+  if summary and summary.get('swept'):
+    name = headline(history[-1])
+    _plot_replica_curves(fig.add_subplot(grid[0, 0]), history, name, summary['replicas'])
+    _plot_sweep(fig.add_subplot(grid[0, 1]), summary, name)
+  else:
+    names = metric_names(history[-1])  # One curve panel each, side by side in the top row.
+    curves = grid[0, :].subgridspec(1, len(names), wspace=0.2)
+    for i, name in enumerate(names):
+      _plot_curves(fig.add_subplot(curves[0, i]), history, name)
   _plot_confusion(fig.add_subplot(grid[1, 0]), confusion)
   _plot_worst(fig, grid[1, 1], worst, int(np.sum(confusion) - np.trace(confusion)))
-  fig.suptitle(_title(history[-1], config), fontsize=16)
+  fig.suptitle(_title(history[-1], config, summary), fontsize=16)
   return fig
+
+
+def _plot_replica_curves(ax, history: list[dict], name: str, replicas: list[dict]) -> None:
+  """The test metric per epoch, one curve per replica (a diverged one's curve stops)."""
+  for i, replica in enumerate(replicas):
+    diverged = replica['diverged_at_step']
+    kept = [r for r in history if diverged is None or r.get('step', 0) < diverged]
+    ax.plot([r['epoch'] for r in kept], [r[f'test_{name}_per_replica'][i] for r in kept], 'o-',
+            markersize=3, label=replica['replica'] + (' (diverged)' if diverged else ''))
+  ax.set(title=f'test {name} per epoch, per replica', xlabel='epoch', ylabel=name)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  if len(replicas) <= 12:
+    ax.legend(fontsize=7)
+
+
+def _plot_sweep(ax, summary: dict, name: str) -> None:
+  """The final test metric against the first swept field, one line per value of the others;
+  the seeds' mean, with their standard deviation as error bars; diverged replicas left out."""
+  field = next(iter(summary['swept']))
+  groups = {}
+  for replica in summary['replicas']:
+    others = tuple((k, v) for k, v in replica['hparams'].items() if k != field)
+    if replica['diverged_at_step'] is None:
+      groups.setdefault(others, {}).setdefault(replica['hparams'][field], []).append(
+          replica[f'test_{name}'])
+  for others, by_value in groups.items():
+    xs = sorted(by_value)
+    ax.errorbar(xs, [np.mean(by_value[x]) for x in xs], yerr=[np.std(by_value[x]) for x in xs],
+                fmt='o-', capsize=4,
+                label=', '.join(f'{k}={v:g}' for k, v in others) or 'mean ± std over seeds')
+  values = [v for v in summary['swept'][field] if v > 0]
+  if field == 'learning_rate' or (values and max(values) / min(values) >= 10):
+    ax.set_xscale('log')
+  ax.set(title=f'final test {name} against {field}', xlabel=field, ylabel=name)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
 
 
 def _final_rows(summary: dict) -> list[tuple[str, str]]:
@@ -172,9 +221,29 @@ def _markdown(history, summary, config, png_name: str) -> str:
             '| ---: |' + ' ---: |' * len(columns)]
   lines += [f"| {r['epoch']} | " + ' | '.join(f'{r[c]:.4f}' for c in columns) + ' |'
             for r in history]
+  if summary.get('replicas'):
+    lines += ['', *_replica_table(summary, metric_names(history[-1]))]
   lines += ['', '## Config', '', '```json',
             json.dumps(config, indent=2, sort_keys=True, default=str), '```', '']
   return '\n'.join(lines)
+
+
+def _replica_table(summary: dict, names: list[str]) -> list[str]:
+  """Every replica, best first by the headline test metric (lowest first for a loss)."""
+  key = names[1] if len(names) > 1 else names[0]
+  sign = 1 if key == 'loss' else -1
+  rows = sorted(summary['replicas'], key=lambda r: (r['diverged_at_step'] is not None,
+                                                    sign * r[f'test_{key}']))
+  fields = list(rows[0]['hparams'])
+  header = [*fields, 'seed', *(f'test {n}' for n in names), 'diverged at step']
+  lines = ['## Replicas, best first', '', '| ' + ' | '.join(header) + ' |',
+           '|' + ' ---: |' * len(header)]
+  for r in rows:
+    cells = [f"{r['hparams'][f]:g}" for f in fields] + [str(r['seed'])]
+    cells += [f"{r[f'test_{n}']:.4f}" for n in names]
+    cells.append('' if r['diverged_at_step'] is None else str(r['diverged_at_step']))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def write_run_report(workdir: pathlib.Path, history: list[dict], split, probs_NxC: np.ndarray,
@@ -203,6 +272,6 @@ def write_report(workdir: pathlib.Path, history: list[dict], confusion_CxC: np.n
   """
   workdir = pathlib.Path(workdir)
   png_path, md_path = workdir / 'report.png', workdir / 'report.md'
-  _figure(history, confusion_CxC, worst, config).savefig(png_path, dpi=DPI)
+  _figure(history, confusion_CxC, worst, config, summary).savefig(png_path, dpi=DPI)
   md_path.write_text(_markdown(history, summary, config, png_path.name))
   return png_path, md_path

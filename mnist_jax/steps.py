@@ -43,6 +43,7 @@ Sums = dict[str, jax.Array]  # Sums over real examples: the loss, each metric, a
 class TrainState(train_state.TrainState):
   rng: jax.Array  # Folded with the step for per-step randomness (dropout, augmentation).
   model_state: dict[str, Any]  # The model's mutable collections, e.g. {'batch_stats': ...}.
+  loss_hparams: dict[str, Any]  # Swept loss arguments (sweeps.py), e.g. label_smoothing.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,10 @@ class Task:
     """The per-example values the steps sum: the loss, then each metric."""
     return ('loss', *self.metrics)
 
-  def per_example(self, logits_BxC: jax.Array, labels_B: jax.Array) -> dict[str, jax.Array]:
-    values = dict(loss=losses.get(self.loss)(logits_BxC, labels_B, **dict(self.loss_kwargs)))
+  def per_example(self, logits_BxC: jax.Array, labels_B: jax.Array,
+                  loss_hparams: dict[str, Any]) -> dict[str, jax.Array]:
+    kwargs = dict(self.loss_kwargs, **loss_hparams)  # A swept value overrides the config's.
+    values = dict(loss=losses.get(self.loss)(logits_BxC, labels_B, **kwargs))
     values.update({name: metrics.METRICS[name](logits_BxC, labels_B) for name in self.metrics})
     return values
 
@@ -88,7 +91,7 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
   variables = dict(model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32)))
   params = variables.pop('params')
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng,
-                           model_state=variables)
+                           model_state=variables, loss_hparams={})
 
 
 def _logits(task: Task, state: TrainState, params, images_BxHxWxC, mask_B, *, train: bool,
@@ -114,7 +117,8 @@ def train_step(state: TrainState, batch: Batch,
   def loss_fn(params):
     logits_BxC, model_state = _logits(task, state, params, images, batch['mask'], train=True,
                                       rng=dropout_rng)
-    sums = metrics.masked_sums(task.per_example(logits_BxC, batch['label']), batch['mask'])
+    values = task.per_example(logits_BxC, batch['label'], state.loss_hparams)
+    sums = metrics.masked_sums(values, batch['mask'])
     return sums['loss'] / jnp.maximum(sums[metrics.COUNT], 1.0), (sums, model_state)
 
   (loss, (sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -125,7 +129,8 @@ def train_step(state: TrainState, batch: Batch,
 def eval_step(state: TrainState, batch: Batch, task: Task = DEFAULT_TASK) -> Sums:
   logits_BxC, _ = _logits(task, state, state.params, augment.preprocess(batch['image']),
                           batch['mask'], train=False)
-  return metrics.masked_sums(task.per_example(logits_BxC, batch['label']), batch['mask'])
+  return metrics.masked_sums(task.per_example(logits_BxC, batch['label'], state.loss_hparams),
+                             batch['mask'])
 
 
 def _all_finite(tree) -> jax.Array:

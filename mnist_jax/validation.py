@@ -16,6 +16,7 @@ from mnist_jax import input_modes
 from mnist_jax import losses
 from mnist_jax import metrics
 from mnist_jax import models
+from mnist_jax import sweeps
 
 
 def _is_positive_number(x: Any) -> bool:
@@ -24,6 +25,10 @@ def _is_positive_number(x: Any) -> bool:
 
 def _is_positive_int(x: Any) -> bool:
   return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _is_finite_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _is_number_at_least_0(x: Any) -> bool:
@@ -105,6 +110,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_optimizer_kwargs(config)
   _check_kwargs(losses.get(config.loss), dict(config.loss_kwargs), 'loss_kwargs',
                 f'losses.{config.loss}', skip=2)
+  _check_sweep(config)
   try:
     augment.check(config.augment)
   except ValueError as e:
@@ -145,3 +151,28 @@ def _check_kwargs(fn: Callable, kwargs: dict, field: str, what: str, *, skip: in
     raise errors.ConfigError(
         f'config.{field}={kwargs} is invalid for {what} ({e}): expected arguments among: '
         f'{accepted}; --config.{field}={{}} for none.') from None
+
+
+def _check_sweep(config: ml_collections.ConfigDict) -> None:
+  """Each swept field applies to this config, and each of its values is one the field would
+  take on its own."""
+  allowed = sweeps.sweepable(config)
+  for name, values in sweeps.swept(config).items():
+    field = f'config.sweep.{name}'
+    if name not in allowed:
+      raise errors.ConfigError(
+          f'{field} is invalid: optax.{config.optimizer} with losses.{config.loss} has no '
+          f"{name} to sweep; expected one of: {', '.join(allowed)}.")
+    if not values:
+      raise errors.ConfigError(f'{field}=() is invalid: expected a non-empty tuple of values, '
+                               f"e.g. --config.sweep.{name}='(0.1,0.2)'.")
+    path = sweeps.CONFIG_FIELDS.get(name, f'optimizer_kwargs.{name}')
+    rules = [(ok, allowed) for rule_path, ok, allowed in _RULES if rule_path == path]
+    if name == 'grad_clip_norm':  # Swept, the clipping is on: a norm of 0 would zero it all.
+      rules = [(_is_positive_number, 'a finite number > 0')]
+    for value in values:
+      for ok, expected in rules or [(_is_finite_number, 'a finite number')]:
+        if not ok(value):
+          raise errors.ConfigError(
+              f'{field}={tuple(values)!r} is invalid: expected each value to be {expected}, '
+              f'and {value!r} is not.')

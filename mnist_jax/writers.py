@@ -3,6 +3,7 @@ records to identify a run (the state's fingerprint, the software versions)."""
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import platform
@@ -67,31 +68,45 @@ def read_history(workdir: pathlib.Path) -> list[dict]:
 class MetricLogger:
   """Scalars to TensorBoard event files and to `metrics.jsonl`, one record per write.
 
+  With several replicas (seeds or a sweep, `replica_names`), TensorBoard also gets one run per
+  replica, `<workdir>/replicas/<name>/`, holding that replica's values (the `*_per_replica`
+  entries of each record), so `tensorboard --logdir <workdir>` shows them side by side.
+
   The event files come from tensorboardX (protobuf and numpy only): clu's metric writers, and
   TensorBoard's own writer where TensorFlow is installed, import TensorFlow, which would add
   seconds to every run that otherwise needs none (benchmarks/train_speed.py, README).
   """
 
-  def __init__(self, workdir: pathlib.Path, *, tensorboard: bool, enabled: bool = True):
+  def __init__(self, workdir: pathlib.Path, *, tensorboard: bool, enabled: bool = True,
+               replica_names: list[str] | None = None):
     self._enabled = enabled
     if not enabled:
       return
     self._jsonl = open(workdir / 'metrics.jsonl', 'a')
     self._writer = tensorboardX.SummaryWriter(str(workdir)) if tensorboard else None
+    self._replica_writers = [
+        tensorboardX.SummaryWriter(str(workdir / 'replicas' / name))
+        for name in (replica_names or [])] if tensorboard else []
 
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self._enabled:
       return
     self._jsonl.write(json.dumps(dict(step=step, **scalars)) + '\n')
     self._jsonl.flush()
-    if self._writer:
-      for key, value in scalars.items():
-        if key != 'epoch' and isinstance(value, (int, float)):
-          self._writer.add_scalar(key, value, step)
-      self._writer.flush()  # A killed run keeps every epoch it logged.
+    if not self._writer:
+      return
+    for key, value in scalars.items():
+      if key != 'epoch' and isinstance(value, (int, float)):
+        self._writer.add_scalar(key, value, step)
+      elif key.endswith('_per_replica') and len(value) == len(self._replica_writers):
+        for writer, replica_value in zip(self._replica_writers, value):
+          if math.isfinite(replica_value):  # A diverged replica's curve ends.
+            writer.add_scalar(key[:-len('_per_replica')], replica_value, step)
+    for writer in (self._writer, *self._replica_writers):
+      writer.flush()  # A killed run keeps every epoch it logged.
 
   def close(self) -> None:
     if self._enabled:
       self._jsonl.close()
-      if self._writer:
-        self._writer.close()
+      for writer in ([self._writer] if self._writer else []) + self._replica_writers:
+        writer.close()

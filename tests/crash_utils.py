@@ -394,10 +394,11 @@ def tmp_entries(workdir) -> list[str]:
 
 
 def tree_digest(folder) -> dict[str, str]:
-  """sha256 of every file under `folder`, by relative path."""
+  """sha256 of every file under `folder`, by relative path; not the workdir's lock file,
+  whose text every run that takes the lock rewrites with its pid and host."""
   folder = pathlib.Path(folder)
   return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob('*')) if p.is_file()}
+          for p in sorted(folder.rglob('*')) if p.is_file() and p.name != '.lock'}
 
 
 def read_json(path) -> dict:

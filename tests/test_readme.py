@@ -21,10 +21,15 @@ def test_help_lists_every_config_field(tmp_path):
                        text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
   assert out.returncode == 1, out.stderr  # absl's --help prints the usage and exits with 1.
   assert 'Traceback' not in out.stderr
-  names = [name for name, _, _ in config_doc.fields(str(REPO / 'configs' / 'mlp.py'))]
-  assert len(names) > 20
-  for name in names:
+  rows = config_doc.table_rows(str(REPO / 'configs' / 'mlp.py'))
+  assert len(rows) > 20
+  for name, _, _ in rows:
     assert re.search(rf'^{re.escape(name)}\s', out.stdout, re.M), name
+  # config.sweep's fields share one row ('sweep.<name>') that names each of them.
+  help_text = ' '.join(out.stdout.split())
+  for name, _, _ in config_doc.fields(str(REPO / 'configs' / 'mlp.py')):
+    if name.startswith('sweep.'):
+      assert re.search(rf'\b{name.split(".")[1]}\b', help_text.split('sweep.<name>')[1]), name
 
 
 # --- The worked examples of "Extending it", run as a reader would use them -------------------
