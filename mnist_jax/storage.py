@@ -1,0 +1,477 @@
+"""Where a run's files live: a local folder, or object storage (gs://, s3://), through one path type.
+
+Every path a run writes or reads should come from `as_path`: an `etils.epath.Path`, the type
+Orbax and TFDS take. A local path behaves as `pathlib.Path` does; `gs://bucket/dir` keeps its
+scheme (`pathlib.Path` would make it a local folder named 'gs:') and goes through gcsfs, which
+the `gcs` extra installs (`pip install "mnist_jax[gcs]"`); `s3://` likewise through s3fs.
+
+Object stores differ from a file system in ways the run has to respect; the helpers here do:
+  * An object is written whole, in one request: a reader sees the old or the new content,
+    never half (so `write_json_atomic` needs no temporary file there); there is no rename
+    (gcsfs copies and deletes) and no append (gcsfs silently overwrites): `open_append`
+    keeps the content and rewrites the object at each flush.
+  * 'Create only if absent' is a request precondition (ifGenerationMatch=0 on GCS), which
+    makes `create_exclusive` and `WorkdirLock` atomic across machines.
+  * Folders do not exist: `mkdir` does nothing, and an empty 'folder' does not exist.
+  * A missing bucket, missing credentials, a permission error or the network: `check_access`
+    and `cloud_errors` turn each into one line naming the fix (`StorageError`).
+
+Importing this module makes etils use gcsfs, not TensorFlow's tf.io.gfile, for gs:// paths
+(EPATH_USE_TF=false: TensorFlow costs seconds to import, and its GCS client ignores
+STORAGE_EMULATOR_HOST), and gcsfs its plain GCS client (without a gRPC bucket-layout call
+before every operation). Both only where the variables are unset.
+"""
+
+import contextlib
+import datetime
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from etils import epath
+
+from mnist_jax import errors
+
+os.environ.setdefault('EPATH_USE_TF', 'false')
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+
+# scheme -> (the fsspec package it needs, the extra of this project that installs it).
+CLIENTS = {'gs': ('gcsfs', 'gcs'), 's3': ('s3fs', None)}
+
+
+class StorageError(errors.UserError):
+  """Object storage refused or failed; the message is one line that says what to do."""
+
+
+class MissingClient(StorageError):
+  pass
+
+
+class WorkdirBusy(StorageError):
+  pass
+
+
+def scheme(path: Any) -> str | None:
+  """'gs', 's3' (any 'x://' prefix, in fact) or None for a local path."""
+  match = re.match(r'^([a-z][a-z0-9+.-]*)://', os.fspath(path))
+  return match[1] if match else None
+
+
+def is_remote(path: Any) -> bool:
+  return scheme(path) is not None
+
+
+def as_path(path: Any) -> epath.Path:
+  """The path type for everything a run writes or reads; refuses 'gs:/x' (one slash)."""
+  text = os.fspath(path)
+  mangled = re.match(r'^(gs|s3):/(?!/)', text)
+  if mangled:
+    raise StorageError(f'{text!r} is not an object-store path (one slash after '
+                       f'"{mangled[1]}:"); write {mangled[1]}://{text[len(mangled[0]):]}')
+  if scheme(text) not in (None, *CLIENTS):
+    raise StorageError(f'{text}: unsupported storage scheme {scheme(text)}:// '
+                       f'(supported: a local path, {", ".join(s + "://" for s in CLIENTS)})')
+  require_client(text)
+  if scheme(text):
+    quiet_client_logs()
+  return epath.Path(text)
+
+
+def require_client(path: Any) -> None:
+  """Raises MissingClient, one line naming the package, when the path's client is absent."""
+  name = scheme(path)
+  if name not in CLIENTS:
+    return
+  package, extra = CLIENTS[name]
+  if importlib.util.find_spec(package) is None:
+    also = f'  (or pip install "mnist_jax[{extra}]")' if extra else ''
+    raise MissingClient(f'{os.fspath(path)}: writing to {name}:// needs the {package} package, '
+                        f'which is not installed: pip install {package}{also}')
+
+
+def _bucket_and_key(path: Any) -> tuple[str, str]:
+  rest = os.fspath(path).split('://', 1)[1]
+  bucket, _, key = rest.partition('/')
+  return bucket, key
+
+
+def _filesystem(path: Any):
+  import fsspec  # pylint: disable=g-import-not-at-top
+  quiet_client_logs()
+  return fsspec.filesystem('gcs' if scheme(path) == 'gs' else scheme(path))
+
+
+# ------------------------------------------------------------------------------------------
+# Writes.
+
+def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
+  """Writes so that a reader (or a killed run) never sees half a file."""
+  path = epath.Path(path)
+  if is_remote(path):
+    path.write_bytes(data)  # One upload: the object changes whole, or not at all.
+    return
+  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
+
+
+def write_json_atomic(path: epath.Path, obj: Any) -> None:
+  write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
+
+
+def create_exclusive(path: epath.Path, text: str) -> bool:
+  """Creates `path` holding `text` only if nothing is there; False if something was.
+
+  Atomic: of several processes (or machines) racing, exactly one gets True. Locally with
+  O_CREAT|O_EXCL; on GCS with the precondition ifGenerationMatch=0 (a 412 answer: taken).
+  """
+  path = epath.Path(path)
+  if not is_remote(path):
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+    return True
+  if scheme(path) != 'gs':
+    raise StorageError(f'{path}: an exclusive create is only implemented for gs:// and local '
+                       'paths')
+  try:
+    _filesystem(path).pipe_file(os.fspath(path), text.encode(), mode='create')
+  except FileExistsError:  # gcsfs's name for 412 Precondition Failed.
+    return False
+  return True
+
+
+def _generation(path: epath.Path) -> int | None:
+  """The GCS generation of the object at `path`; None if there is none."""
+  try:
+    info = _filesystem(path).info(os.fspath(path))
+  except FileNotFoundError:
+    return None
+  return int(info['generation']) if info.get('generation') else None
+
+
+def delete_if_generation(path: epath.Path, generation: int) -> bool:
+  """Deletes the object only if it is still `generation` (ifGenerationMatch); True if so."""
+  bucket, key = _bucket_and_key(path)
+  fs = _filesystem(path)
+  try:
+    fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=str(generation))
+  except (FileExistsError, FileNotFoundError):  # 412: someone replaced it; 404: gone.
+    return False
+  finally:
+    fs.invalidate_cache(os.fspath(path))
+  return True
+
+
+class ObjectAppender:
+  """An append-only file on object storage: the content stays in memory, and each flush
+  rewrites the whole object (objects cannot be appended to). Opening an existing object
+  continues it. Meant for small logs (metrics.jsonl, TensorBoard event files).
+  """
+
+  def __init__(self, path: epath.Path, *, keep_existing: bool = True):
+    self.path = epath.Path(path)
+    self._data = bytearray()
+    if keep_existing and self.path.exists():
+      self._data += self.path.read_bytes()
+    self._flushed = len(self._data) if self._data else -1  # -1: not written yet.
+    self.closed = False
+
+  def write(self, data: bytes | str) -> int:
+    if self.closed:
+      raise ValueError(f'write to closed {self.path}')
+    self._data += data.encode() if isinstance(data, str) else data
+    return len(data)
+
+  def flush(self) -> None:
+    if not self.closed and self._flushed != len(self._data):
+      self.path.write_bytes(bytes(self._data))
+      self._flushed = len(self._data)
+
+  def close(self) -> None:
+    self.flush()
+    self.closed = True
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def open_append(path: epath.Path):
+  """A file to append to, flushed as the caller flushes: local `open(path, 'a')`, or an
+  ObjectAppender on object storage. Writes take str."""
+  path = epath.Path(path)
+  return ObjectAppender(path) if is_remote(path) else open(path, 'a')
+
+
+class _TensorboardWriterFactory:
+  """tensorboardX's writer registry entry for an object-store scheme (see below)."""
+
+  def open(self, path):
+    return ObjectAppender(epath.Path(path), keep_existing=False)  # A new event file per run.
+
+  def directory_check(self, path):
+    del path  # Object stores have no folders to create.
+
+
+def register_tensorboard_writers() -> None:
+  """tensorboardX writes gs:// and s3:// event files through gcsfs/s3fs (ObjectAppender).
+
+  Its own GCS writer needs google-cloud-storage, and after `close()` uploads again when it is
+  garbage-collected (retrying for 120 s if the network is gone); its S3 one needs boto3.
+  """
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  for name in CLIENTS:
+    record_writer.register_writer_factory(name, _TensorboardWriterFactory())
+
+
+# ------------------------------------------------------------------------------------------
+# A lock on the workdir: one run at a time, wherever the workdir lives.
+
+LOCK_NAME = '.lock'
+
+
+class WorkdirLock:
+  """Refuses a second run in the same workdir while the first is alive.
+
+  Local: an flock on `<workdir>/.lock`, which the kernel releases when the process dies
+  (kill -9 included); the file itself stays. Object storage: the object `<workdir>/.lock`,
+  created only if absent (atomic), holding its owner (host, pid) and a heartbeat that a
+  thread renews every `lease_s / 4` seconds; the owner deletes it on release. A lock left by a
+  dead run (kill -9, a lost machine) is taken over when its owner is a dead process on this
+  host, or its heartbeat is older than `lease_s`; the takeover deletes exactly the stale
+  object (ifGenerationMatch), so of two runs taking over, one wins.
+  """
+
+  def __init__(self, workdir: epath.Path, *, lease_s: float = 120.0):
+    self.path = epath.Path(workdir) / LOCK_NAME
+    self.lease_s = lease_s
+    self._owner = dict(id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid())
+    self._generation: int | None = None
+    self._file = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def acquire(self) -> 'WorkdirLock':
+    if is_remote(self.path):
+      self._acquire_object()
+    else:
+      self._acquire_local()
+    return self
+
+  def _acquire_local(self) -> None:
+    self._file = open(self.path, 'a+')
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip()
+      self._file.close()
+      self._file = None
+      raise WorkdirBusy(f'another run is using {self.path.parent} ({holder or "owner unknown"})'
+                        '; wait for it to finish, or use another --workdir.') from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(_describe(self._content()))
+    self._file.flush()
+
+  def _content(self) -> dict:
+    return dict(self._owner, heartbeat=time.time(), lease_s=self.lease_s)
+
+  def _acquire_object(self) -> None:
+    for _ in range(3):
+      if create_exclusive(self.path, json.dumps(self._content())):
+        self._generation = _generation(self.path)
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True,
+                                        name='mnist_jax-workdir-lock')
+        self._thread.start()
+        return
+      generation = _generation(self.path)
+      if generation is None:
+        continue  # Released in between: try again.
+      holder = self._read_holder()
+      if not self._is_stale(holder):
+        raise WorkdirBusy(
+            f'another run is using {self.path.parent} ({_describe(holder)}); wait for it to '
+            f'finish, or use another --workdir. If that run is dead, its lock goes stale '
+            f'{self.lease_s:.0f} s after its last heartbeat, or delete {self.path}.')
+      delete_if_generation(self.path, generation)  # Loses quietly to another taker.
+    raise WorkdirBusy(f'could not take the lock {self.path} (other runs keep taking it).')
+
+  def _read_holder(self) -> dict:
+    try:
+      return json.loads(self.path.read_text())
+    except (FileNotFoundError, ValueError):
+      return {}
+
+  def _is_stale(self, holder: dict) -> bool:
+    if not holder:
+      return True  # Unreadable or half-written content: not a lock anyone can renew.
+    if holder.get('host') == self._owner['host'] and not _pid_alive(holder.get('pid', -1)):
+      return True
+    return time.time() - float(holder.get('heartbeat', 0)) > float(holder.get('lease_s', 0))
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.lease_s / 4):
+      try:
+        if _generation(self.path) != self._generation:
+          logging.warning('The workdir lock %s was taken over; stopping its heartbeat.',
+                          self.path)
+          return
+        self.path.write_text(json.dumps(self._content()))
+        self._generation = _generation(self.path)
+      except Exception as e:  # pylint: disable=broad-except  (the network: try again later)
+        logging.warning('Could not renew the workdir lock %s: %s', self.path, e)
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread:
+      self._thread.join()
+      self._thread = None
+    if self._generation is not None:
+      with contextlib.suppress(Exception):  # Not deleted: it goes stale after lease_s.
+        delete_if_generation(self.path, self._generation)
+      self._generation = None
+    if self._file:
+      self._file.close()  # Releases the flock; the file stays (see the class docstring).
+      self._file = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _describe(holder: dict) -> str:
+  if not holder:
+    return 'owner unknown'
+  seen = datetime.datetime.fromtimestamp(holder.get('heartbeat', 0)).strftime('%H:%M:%S')
+  return f"host {holder.get('host')}, pid {holder.get('pid')}, last seen {seen}"
+
+
+# ------------------------------------------------------------------------------------------
+# The errors a cloud user meets, as one line each.
+
+_NO_CREDENTIALS = ('no Google Cloud credentials were found (or they were refused): run `gcloud '
+                   'auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to '
+                   'a service-account key file; on a Cloud VM or TPU, give its service account '
+                   'access to the bucket.')
+
+
+def _permission_denied(bucket: str) -> str:
+  return (f'permission denied on gs://{bucket}: the credentials in use may not read, list or '
+          f'create objects there; grant them roles/storage.objectAdmin on the bucket (gcloud '
+          f'storage buckets add-iam-policy-binding gs://{bucket} --member=... '
+          f'--role=roles/storage.objectAdmin), or check GOOGLE_APPLICATION_CREDENTIALS.')
+
+
+def _missing_bucket(bucket: str) -> str:
+  return (f'the bucket gs://{bucket} does not exist: create it (gcloud storage buckets create '
+          f'gs://{bucket}), or fix the bucket name in --workdir.')
+
+
+def _unreachable(path: Any, cause: str) -> str:
+  endpoint = os.environ.get('STORAGE_EMULATOR_HOST') or 'storage.googleapis.com'
+  return (f'cannot reach Cloud Storage ({endpoint}) for {os.fspath(path)}: {cause}. What is '
+          'already in the bucket (the last finished checkpoint included) is intact: run the '
+          'same command again to continue once the network is back.')
+
+
+def _is_network_error(e: BaseException) -> bool:
+  names = {type(x).__name__ for x in _chain(e)}
+  network = {'ClientConnectorError', 'ClientConnectorDNSError', 'ClientOSError',
+             'ServerDisconnectedError', 'ConnectionError', 'ConnectionRefusedError',
+             'ConnectionResetError', 'gaierror', 'TimeoutError', 'ServerTimeoutError'}
+  return bool(names & network) or bool(re.match(r'(UNAVAILABLE|DEADLINE_EXCEEDED)', str(e)))
+
+
+def _chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def describe_error(e: BaseException, path: Any) -> str | None:
+  """One line for an object-storage failure on `path`; None if `e` is not one."""
+  if not is_remote(path):
+    return None
+  bucket, _ = _bucket_and_key(path)
+  text = ' '.join(str(x) for x in _chain(e))
+  status = next((getattr(x, 'code', None) for x in _chain(e)
+                 if isinstance(getattr(x, 'code', None), int)), None)
+  if status == 401 or 'Anonymous caller' in text or 'DefaultCredentialsError' in text or (
+      'credentials' in text.lower() and 'not found' in text.lower()):
+    return f'{os.fspath(path)}: {_NO_CREDENTIALS}'
+  if status == 403 or 'Forbidden' in text or 'PERMISSION_DENIED' in text:
+    return _permission_denied(bucket)
+  if _is_network_error(e):
+    cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return _unreachable(path, cause)
+  return None
+
+
+@contextlib.contextmanager
+def cloud_errors(path: Any):
+  """Turns an object-storage failure inside the block into a one-line StorageError."""
+  try:
+    yield
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    line = describe_error(e, path)
+    if line is None:
+      raise
+    raise StorageError(line) from e
+
+
+def check_access(path: Any) -> None:
+  """Fails early, in one line, when the workdir's bucket is missing, forbidden or unreachable.
+
+  Lists at most one object under `path` (storage.objects.list, which a missing bucket
+  answers with 404); nothing for a local path.
+  """
+  if not is_remote(path):
+    return
+  require_client(path)
+  if scheme(path) != 'gs':
+    return
+  bucket, key = _bucket_and_key(path)
+  with cloud_errors(path):
+    try:
+      _filesystem(path).call('GET', 'b/{}/o', bucket, prefix=key, maxResults=1, json_out=True)
+    except FileNotFoundError:
+      raise StorageError(_missing_bucket(bucket)) from None
+
+
+def quiet_client_logs() -> None:
+  """gcsfs logs every failed request with a traceback before raising; the run says it once.
+  (Unless the gcsfs logger was given a level, e.g. by GCSFS_DEBUG.)"""
+  logger = logging.getLogger('gcsfs')
+  if logger.level == logging.NOTSET:
+    logger.setLevel(logging.CRITICAL)
