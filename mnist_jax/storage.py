@@ -86,15 +86,21 @@ def as_path(path: Any) -> epath.Path:
 
 
 def require_client(path: Any) -> None:
-  """Raises MissingClient, one line naming the package, when the path's client is absent."""
+  """Raises MissingClient, one line naming the package, when the path's client is absent.
+
+  Imports it (gcsfs: ~2 s): a run on object storage needs it next anyway.
+  """
   name = scheme(path)
   if name not in CLIENTS:
     return
   package, extra = CLIENTS[name]
-  if importlib.util.find_spec(package) is None:
+  try:
+    importlib.import_module(package)
+  except ImportError as e:
     also = f'  (or pip install "mnist_jax[{extra}]")' if extra else ''
+    broken = '' if importlib.util.find_spec(package) is None else f' ({e})'
     raise MissingClient(f'{os.fspath(path)}: writing to {name}:// needs the {package} package, '
-                        f'which is not installed: pip install {package}{also}')
+                        f'which is not installed{broken}: pip install {package}{also}') from None
 
 
 def _bucket_and_key(path: Any) -> tuple[str, str]:
@@ -273,6 +279,7 @@ class WorkdirLock:
     return self
 
   def _acquire_local(self) -> None:
+    self.path.parent.mkdir(parents=True, exist_ok=True)  # A new workdir starts here.
     self._file = open(self.path, 'a+')
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)

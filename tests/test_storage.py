@@ -90,9 +90,8 @@ def test_an_unknown_scheme_is_refused():
 
 
 def test_a_missing_client_is_one_line_naming_the_package(monkeypatch):
-  real = storage.importlib.util.find_spec
-  monkeypatch.setattr(storage.importlib.util, 'find_spec',
-                      lambda name, *a: None if name == 'gcsfs' else real(name, *a))
+  monkeypatch.setitem(sys.modules, 'gcsfs', None)  # `import gcsfs` raises ImportError.
+  monkeypatch.setattr(storage.importlib.util, 'find_spec', lambda name, *a: None)
   with pytest.raises(storage.MissingClient) as e:
     storage.as_path('gs://bkt/run')
   assert str(e.value) == ('gs://bkt/run: writing to gs:// needs the gcsfs package, which is '
@@ -248,6 +247,11 @@ def test_local_lock_refuses_a_second_run_and_frees_on_kill9(tmp_path):
     child.wait()
   with storage.WorkdirLock(storage.as_path(tmp_path)):  # The kernel released it.
     pass
+
+
+def test_local_lock_creates_a_new_workdir(tmp_path):
+  with storage.WorkdirLock(storage.as_path(tmp_path / 'new' / 'run')):
+    assert (tmp_path / 'new' / 'run' / '.lock').read_text().startswith(f'host ')
 
 
 def test_gs_lock_refuses_a_second_run_and_is_deleted_on_release(gcs):
