@@ -30,17 +30,18 @@ import errno
 import inspect
 import logging as std_logging
 import os
-import pathlib
 import re
 import shutil
 import sys
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 from mnist_jax import errors
+from mnist_jax import storage
 
 
 class IncompatibleCheckpoint(errors.UserError):
@@ -56,6 +57,8 @@ class CheckpointSaveError(errors.UserError):
 _MAX_ERROR_CHARS = 300
 # Orbax's name for a checkpoint folder still being written: '<step>.orbax-checkpoint-tmp[...]'.
 _TMP_MARK = '.orbax-checkpoint-tmp'
+# On object storage, the file that marks a step folder finished (there is no rename).
+_COMMIT_MARK = 'commit_success.txt'
 
 
 STATE, RUN = 'state', 'run'  # The items of a checkpoint.
@@ -68,9 +71,10 @@ class Checkpointer:
   nor cleans anything up.
   """
 
-  def __init__(self, directory: pathlib.Path, *, keep: int, asynchronous: bool = True,
+  def __init__(self, directory: epath.Path, *, keep: int, asynchronous: bool = True,
                read_only: bool = False):
-    self.directory = pathlib.Path(directory).absolute()
+    directory = storage.as_path(directory)
+    self.directory = directory if storage.is_remote(directory) else directory.absolute()
     if not read_only:
       self._remove_unfinished()
     _quiet_orphaned_orbax_errors()
@@ -101,7 +105,12 @@ class Checkpointer:
     """
     if jax.process_index() == 0 and self.directory.is_dir():
       for path in self.directory.iterdir():
-        if _TMP_MARK in path.name and path.is_dir() and not path.is_symlink():
+        if storage.is_remote(path):
+          # No rename on object storage: Orbax writes '<step>/' in place and marks it
+          # finished with '<step>/commit_success.txt'; a step without it was never finished.
+          if path.name.isdigit() and not (path / _COMMIT_MARK).exists():
+            path.rmtree()
+        elif _TMP_MARK in path.name and path.is_dir() and not path.is_symlink():
           shutil.rmtree(path, ignore_errors=True)
 
   def steps(self) -> list[int]:
@@ -202,7 +211,10 @@ class Checkpointer:
         if source.exists():
           aside.mkdir(parents=True, exist_ok=True)
           target = aside / f'{step}-{stamp}'
-          os.replace(source, target)
+          if storage.is_remote(source):
+            source.rename(target)  # A copy and a delete on object storage.
+          else:
+            os.replace(source, target)
           print(f'warning: moved the unreadable checkpoint at step {step} to {target}',
                 flush=True)
     if jax.process_count() > 1:

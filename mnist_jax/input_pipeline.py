@@ -9,6 +9,7 @@ step alone.
 
 import dataclasses
 import hashlib
+import io
 import math
 import os
 import pathlib
@@ -18,10 +19,12 @@ import functools
 from collections.abc import Iterator
 
 from absl import logging
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds  # Imports TensorFlow lazily, when it first needs it.
 
 from mnist_jax import errors
+from mnist_jax import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +66,7 @@ def resolve_data_dir(data_dir: str) -> str | None:
 
 
 def load(dataset: str, data_dir: str, splits: tuple[str, ...], *, download: bool,
-         cache_dir: pathlib.Path | None) -> tuple[DatasetInfo, dict[str, Split]]:
+         cache_dir: epath.Path | None) -> tuple[DatasetInfo, dict[str, Split]]:
   """Decodes `splits` of a TFDS dataset into numpy arrays, once: later runs read the cache."""
   data_dir = resolve_data_dir(data_dir)
   builder = _builder(dataset, data_dir)
@@ -120,7 +123,7 @@ def _cache_key(builder) -> str:
   return f'{builder.name.replace("/", "_")}-{builder.info.version}-{digest}'
 
 
-def _load_split(builder, split: str, download: bool, cache_dir: pathlib.Path | None,
+def _load_split(builder, split: str, download: bool, cache_dir: epath.Path | None,
                 cache_key: str | None) -> Split:
   path = cache_dir / 'data' / f'{cache_key}-{split}.npz' if cache_dir and cache_key else None
   if path and path.exists():
@@ -131,20 +134,22 @@ def _load_split(builder, split: str, download: bool, cache_dir: pathlib.Path | N
   decoded = _decode(builder, split, download)
   if path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f'.tmp{os.getpid()}.npz')
-    np.savez(tmp, image=decoded.image, label=decoded.label)
-    os.replace(tmp, path)  # Atomic: a concurrent or killed run never sees half a file.
+    data = io.BytesIO()
+    np.savez(data, image=decoded.image, label=decoded.label)
+    # Atomic (locally or in a bucket): a concurrent or killed run never sees half a file.
+    storage.write_bytes_atomic(path, data.getvalue())
     logging.info('Cached decoded %s/%s in %s', builder.name, split, path)
   return decoded
 
 
-def read_cached_split(path: pathlib.Path, shape_NxHxWxC: tuple[int, ...]) -> Split | None:
+def read_cached_split(path: epath.Path, shape_NxHxWxC: tuple[int, ...]) -> Split | None:
   """The cached split at `path`, or None (with a one-line warning) if the file is damaged:
   unreadable (truncated, not an npz), or not uint8 images [N, H, W, C] of the expected shape
   with int32 labels [N]. The caller then decodes the split again and replaces the file."""
   shape_NxHxWxC = tuple(shape_NxHxWxC)
   try:
-    with np.load(path) as cached:
+    raw = io.BytesIO(path.read_bytes()) if storage.is_remote(path) else path
+    with np.load(raw) as cached:
       split = Split(cached['image'], cached['label'])
     problem = None
     if split.image.dtype != np.uint8 or split.image.shape != shape_NxHxWxC:

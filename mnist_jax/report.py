@@ -8,6 +8,7 @@ history holds (config.metrics), so a new metric needs nothing here.
 Matplotlib is imported here only, with the Agg canvas: no display is needed.
 """
 
+import io
 import json
 import pathlib
 from typing import Any
@@ -17,6 +18,8 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
+
+from mnist_jax import storage
 
 FIGSIZE = (16, 10)  # Inches.
 DPI = 100
@@ -270,8 +273,10 @@ def write_report(workdir: pathlib.Path, history: list[dict], confusion_CxC: np.n
     summary: the run's summary (summary.json); missing entries are left out.
     config: the resolved config as a dict (`config.to_dict()`).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = storage.as_path(workdir)
   png_path, md_path = workdir / 'report.png', workdir / 'report.md'
-  _figure(history, confusion_CxC, worst, config, summary).savefig(png_path, dpi=DPI)
-  md_path.write_text(_markdown(history, summary, config, png_path.name))
+  png = io.BytesIO()  # Then one write: matplotlib would take gs://... for a local file name.
+  _figure(history, confusion_CxC, worst, config, summary).savefig(png, format='png', dpi=DPI)
+  storage.write_bytes_atomic(png_path, png.getvalue())
+  storage.write_bytes_atomic(md_path, _markdown(history, summary, config, png_path.name).encode())
   return png_path, md_path

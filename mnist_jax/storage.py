@@ -285,14 +285,17 @@ class WorkdirLock:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       self._file.seek(0)
-      holder = self._file.read().strip()
+      try:
+        holder = json.loads(self._file.read() or '{}')
+      except ValueError:
+        holder = {}
       self._file.close()
       self._file = None
-      raise WorkdirBusy(f'another run is using {self.path.parent} ({holder or "owner unknown"})'
-                        '; wait for it to finish, or use another --workdir.') from None
+      raise WorkdirBusy(f'another run is using {self.path.parent} ({_describe(holder)}); wait '
+                        'for it to finish, or use another --workdir.') from None
     self._file.seek(0)
     self._file.truncate()
-    self._file.write(_describe(self._content()))
+    self._file.write(json.dumps(self._content()))  # Who holds it, for the next one's message.
     self._file.flush()
 
   def _content(self) -> dict:

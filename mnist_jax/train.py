@@ -15,10 +15,10 @@ import functools
 import io
 import json
 import os
-import pathlib
 import sys
 import time
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -33,6 +33,7 @@ from mnist_jax import optim
 from mnist_jax import preemption
 from mnist_jax import progress as progress_lib
 from mnist_jax import steps
+from mnist_jax import storage
 from mnist_jax import sweeps
 from mnist_jax import validation
 from mnist_jax import workdir as workdir_lib
@@ -43,14 +44,14 @@ class NonFiniteError(errors.UserError):
   pass
 
 
-def resolve_cache_dir(cache_dir: str) -> pathlib.Path | None:
+def resolve_cache_dir(cache_dir: str) -> epath.Path | None:
   if cache_dir == 'none':
     return None
-  return pathlib.Path(cache_dir or os.environ.get('MNIST_JAX_CACHE')
-                      or '~/.cache/mnist_jax').expanduser()
+  path = cache_dir or os.environ.get('MNIST_JAX_CACHE') or '~/.cache/mnist_jax'
+  return storage.as_path(path if storage.is_remote(path) else os.path.expanduser(path))
 
 
-def enable_compilation_cache(cache_dir: pathlib.Path) -> None:
+def enable_compilation_cache(cache_dir: epath.Path) -> None:
   """JAX's persistent cache: a second run loads compiled programs instead of compiling."""
   jax.config.update('jax_compilation_cache_dir', str(cache_dir / 'jax'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
@@ -78,7 +79,7 @@ class Setup:
   task: steps.Task
   state: steps.TrainState
   num_params: int
-  cache_dir: pathlib.Path | None
+  cache_dir: epath.Path | None
   identity: dict  # What the run is (saved in every checkpoint): see `run_identity`.
   replicas: list[sweeps.Replica]  # One, or the seeds and swept values trained side by side.
 
@@ -223,7 +224,7 @@ def _check_finite(unchecked: list, diverged: np.ndarray | None = None,
   unchecked.clear()
 
 
-def _write_header(workdir: pathlib.Path, config, run: Setup) -> None:
+def _write_header(workdir: epath.Path, config, run: Setup) -> None:
   writers.write_json(workdir / 'config.json', dict(config.to_dict(), resolved=dict(
       input_mode=run.mode_name, data_dir=input_pipeline.resolve_data_dir(config.data_dir) or '',
       cache_dir=str(run.cache_dir or ''))))
@@ -242,11 +243,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Holds the workdir's lock throughout: a second run in the same workdir is refused.
   """
   start = time.perf_counter()
+  workdir = storage.as_path(workdir)  # gs://... stays gs://.
   run = setup(config)  # Validates the config first: a bad one writes nothing.
-  workdir = pathlib.Path(workdir)
   workdir_lib.prepare(workdir)
   try:
-    with workdir_lib.hold(workdir):
+    with storage.cloud_errors(workdir), workdir_lib.hold(workdir):
       return _train_and_finish(config, run, workdir, start)
   except OSError as e:
     if e.errno != errno.ENOSPC:
@@ -256,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    'continue from the last checkpoint.') from None
 
 
-def _train_and_finish(config, run: Setup, workdir: pathlib.Path, start: float) -> dict:
+def _train_and_finish(config, run: Setup, workdir: epath.Path, start: float) -> dict:
   is_writer = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.checkpoint_keep,
                                  asynchronous=config.checkpoint_async)
@@ -324,7 +325,7 @@ class _Profiler:
   compiles): TensorBoard's profile plugin reads it from <workdir>/plugins/profile/, and
   Perfetto (ui.perfetto.dev) opens its perfetto_trace.json.gz."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: epath.Path):
     self.workdir, self.calls = workdir, 0
 
   def after_call(self, state) -> None:
@@ -499,7 +500,7 @@ def _result_words(run: Setup, summary: dict) -> str:
   return words
 
 
-def _write_report(workdir: pathlib.Path, config, run: Setup, state, summary: dict) -> None:
+def _write_report(workdir: epath.Path, config, run: Setup, state, summary: dict) -> None:
   """report.png and report.md, from the test set's predictions (report.py does the rest).
 
   With several replicas, the predictions are the first replica's, or the best one's in a sweep.
@@ -516,7 +517,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Evaluates the newest valid checkpoint in `workdir` without training (every replica)."""
   run = setup(config)
   # Read only: another run may be training in this workdir; nothing here is changed.
-  ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints',
+  ckpt = checkpoint.Checkpointer(storage.as_path(workdir) / 'checkpoints',
                                  keep=config.checkpoint_keep, read_only=True)
   ckpt.check_run(_run_record(config, run), may_differ=('num_epochs',))
   restored = ckpt.restore_latest(_item(run, run.state, run.mode.zero_sums(),

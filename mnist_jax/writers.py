@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 import platform
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +14,10 @@ import jax
 import jaxlib
 import numpy as np
 import optax
+from etils import epath
 import tensorboardX
+
+from mnist_jax import storage
 
 
 def count_params(params) -> int:
@@ -45,18 +47,17 @@ def versions() -> dict[str, str]:
               process_count=str(jax.process_count()))
 
 
-def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Writes atomically, so a reader (or a killed run) never sees half a file."""
-  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
-  os.replace(tmp, path)
+def write_json(path: epath.Path, obj: Any) -> None:
+  """Writes atomically (locally or to object storage), so a reader (or a killed run) never
+  sees half a file."""
+  storage.write_json_atomic(path, obj)
 
 
-def read_json(path: pathlib.Path) -> Any:
-  return json.loads(pathlib.Path(path).read_text())
+def read_json(path: epath.Path) -> Any:
+  return json.loads(epath.Path(path).read_text())
 
 
-def read_history(workdir: pathlib.Path) -> list[dict]:
+def read_history(workdir: epath.Path) -> list[dict]:
   """The per-epoch records of metrics.jsonl; a resumed run's repeated epoch counts once."""
   by_epoch = {}
   for line in (workdir / 'metrics.jsonl').read_text().splitlines():
@@ -77,16 +78,18 @@ class MetricLogger:
   seconds to every run that otherwise needs none (benchmarks/train_speed.py, README).
   """
 
-  def __init__(self, workdir: pathlib.Path, *, tensorboard: bool, enabled: bool = True,
+  def __init__(self, workdir: epath.Path, *, tensorboard: bool, enabled: bool = True,
                replica_names: list[str] | None = None):
     self._enabled = enabled
     if not enabled:
       return
-    self._jsonl = open(workdir / 'metrics.jsonl', 'a')
-    self._writer = tensorboardX.SummaryWriter(str(workdir)) if tensorboard else None
-    self._replica_writers = [
-        tensorboardX.SummaryWriter(str(workdir / 'replicas' / name))
-        for name in (replica_names or [])] if tensorboard else []
+    self._jsonl = storage.open_append(workdir / 'metrics.jsonl')
+    self._writer, self._replica_writers = None, []
+    if tensorboard:
+      storage.register_tensorboard_writers()  # gs:// event files through the same client.
+      self._writer = tensorboardX.SummaryWriter(os.fspath(workdir))
+      self._replica_writers = [tensorboardX.SummaryWriter(os.fspath(workdir / 'replicas' / name))
+                               for name in (replica_names or [])]
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self._enabled:

@@ -127,6 +127,6 @@ def test_process_0_holds_the_lock_for_both(pairs):
   run = pairs['locked']
   assert run['codes'] == [1, 1], '\n'.join(c.describe() for c in run['children'])
   zero, one = (error_lines(c) for c in run['children'])
-  assert len(zero) == 1 and 'in use by another run (pid' in zero[0], zero
+  assert len(zero) == 1 and 'another run is using' in zero[0], zero
   assert len(one) == 1 and 'process 0 could not take its lock' in one[0], one
   assert run['after'] == run['before']  # Nothing written in the held workdir.

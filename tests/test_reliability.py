@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 import crash_utils as cu
 from crash_utils import Fault
 from mnist_jax import checkpoint
+from mnist_jax import errors
 from mnist_jax import input_pipeline
 from mnist_jax import train
 from mnist_jax import workdir as workdir_lib
@@ -192,8 +193,8 @@ def assert_one_line_error(result, code):
 def test_a_second_run_in_a_busy_workdir_is_refused_and_changes_nothing(runs):
   run = get(runs, 'two_runs')
   line = assert_one_line_error(run['second'], 1)
-  assert str(run['workdir']) in line and 'in use by another run' in line, line
-  assert f"pid {run['first_pid']} on {socket.gethostname()}" in line, line
+  assert f"another run is using {run['workdir']}" in line, line
+  assert f"host {socket.gethostname()}, pid {run['first_pid']}" in line, line
   assert run['after'] == run['before']  # Nothing written, nothing removed.
   assert json.loads(run['lock_text'])['pid'] == run['first_pid']
 
@@ -220,7 +221,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(runs):
 
 def test_lock_is_exclusive_and_released(tmp_path):
   with workdir_lib.hold(tmp_path):
-    with pytest.raises(workdir_lib.WorkdirError, match=f'pid {os.getpid()} on'):
+    with pytest.raises(errors.UserError, match=f'another run is using .* pid {os.getpid()},'):
       with workdir_lib.hold(tmp_path):
         pass
   with workdir_lib.hold(tmp_path):  # Released at the end of the block.
