@@ -61,6 +61,8 @@ BN_OVERRIDES = {'input_mode': 'device', 'model.features': [4], 'model.hidden_siz
                 'warmup_steps': 2, 'write_report': False}
 # Each BatchNorm adds two cross-device reductions per step in another order: a little more room.
 BN_RTOL, BN_ATOL = 1e-4, 1e-5
+# A sweep of two learning rates (two replicas, vmapped) on the same data.
+SWEEP_OVERRIDES = overrides('device', **{'sweep.learning_rate': [1e-3, 3e-3]})
 
 
 def as_flags(fields: dict) -> list[str]:
@@ -117,6 +119,7 @@ def launched(tmp_path_factory):
       *[dict(name=mode, workdir=str(workdirs / f'{mode}8'), overrides=overrides(mode))
         for mode in MODES],
       dict(name='bn', config='cnn_bn', workdir=str(workdirs / 'bn8'), overrides=BN_OVERRIDES),
+      dict(name='sweep', workdir=str(workdirs / 'sweep8'), overrides=SWEEP_OVERRIDES),
       # The evaluation batch is split over the devices as well (last: today it fails late).
       dict(name='eval_batch12', workdir=str(workdirs / 'eval_batch12'),
            overrides=overrides('device', eval_batch_size=12, num_epochs=1)),
@@ -125,6 +128,7 @@ def launched(tmp_path_factory):
            for mode in MODES]
   jobs1.append(dict(name='bn', config='cnn_bn', workdir=str(workdirs / 'bn1'),
                     overrides=BN_OVERRIDES))
+  jobs1.append(dict(name='sweep', workdir=str(workdirs / 'sweep1'), overrides=SWEEP_OVERRIDES))
   state = dict(root=root, workdirs=workdirs, out8=root / 'out8', out1=root / 'out1')
   children = []
   try:
@@ -211,6 +215,20 @@ def test_8_devices_train_a_batch_norm_model_as_1_device(data_parallel):
     np.testing.assert_allclose(got[key], want[key], rtol=BN_RTOL, atol=BN_ATOL, err_msg=key)
   # They moved from their initial values (mean 0, variance 1), so the comparison means something.
   assert np.abs(want["model_state['batch_stats']['BatchNorm_0']['mean']"]).max() > 1e-3
+
+
+def test_8_devices_train_a_sweep_as_1_device(data_parallel):
+  eight, one = (result(data_parallel[out], 'sweep') for out in ('out8', 'out1'))
+  assert eight['exit_code'] == one['exit_code'] == 0
+  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=RTOL, atol=ATOL)
+  assert [r['replica'] for r in eight['summary']['replicas']] == [
+      'learning_rate=0.001,seed=0', 'learning_rate=0.003,seed=0']
+  got, want = params(data_parallel['out8'], 'sweep'), params(data_parallel['out1'], 'sweep')
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=RTOL, atol=ATOL, err_msg=key)
+    assert want[key].shape[0] == 2  # One per replica.
+  kernel = want["['Dense_0']['kernel']"]
+  assert not np.allclose(kernel[0], kernel[1])  # The two rates trained differently.
 
 
 def test_input_modes_agree_on_8_devices(data_parallel):

@@ -7,6 +7,7 @@ ones always run. tests/gcs_emulator.py says what the emulator does and what it i
 import concurrent.futures
 import json
 import os
+import socket
 import signal
 import struct
 import subprocess
@@ -251,7 +252,8 @@ def test_local_lock_refuses_a_second_run_and_frees_on_kill9(tmp_path):
 
 def test_local_lock_creates_a_new_workdir(tmp_path):
   with storage.WorkdirLock(storage.as_path(tmp_path / 'new' / 'run')):
-    assert (tmp_path / 'new' / 'run' / '.lock').read_text().startswith(f'host ')
+    holder = json.loads((tmp_path / 'new' / 'run' / '.lock').read_text())
+    assert (holder['host'], holder['pid']) == (socket.gethostname(), os.getpid())
 
 
 def test_gs_lock_refuses_a_second_run_and_is_deleted_on_release(gcs):
