@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -55,6 +56,9 @@ from packaging.version import Version
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# A pip run that could not reach the index is tried again after these pauses (seconds): under
+# load the index's connections are sometimes reset, which is not an outage.
+UNREACHABLE_PAUSES_S = (5, 20)
 
 # The newest CPython minor release this script knows of; the newest Python checked is the
 # newest one that `requires-python` allows, up to this. Raise it when a new CPython is out.
@@ -262,7 +266,7 @@ def pip_args(reqs: Sequence[Requirement], target: Target, constraints: pathlib.P
   args = [sys.executable, '-m', 'pip', 'install', '--dry-run', '--ignore-installed', '--no-deps',
           '--python-version', target.python, '--implementation', 'cp',
           '--target', target_dir, '--report', report, '--quiet', '--no-input',
-          '--disable-pip-version-check', '--retries', '2', '--timeout', '30']
+          '--disable-pip-version-check', '--retries', '3', '--timeout', '30']
   if not allow_source:
     args.append('--only-binary=:all:')
   if fast_deps:
@@ -277,18 +281,26 @@ def pip_args(reqs: Sequence[Requirement], target: Target, constraints: pathlib.P
 def pip_query(reqs: Sequence[Requirement], target: Target, constraints: pathlib.Path | None,
               allow_source: bool = False, *,
               run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-              fast_deps: bool = False) -> dict[str, Result]:
+              fast_deps: bool = False,
+              pauses_s: Sequence[float] = UNREACHABLE_PAUSES_S,
+              sleep: Callable[[float], None] = time.sleep) -> dict[str, Result]:
   """Asks pip for all of `reqs` at once; when that fails, finds out which ones have no wheel.
 
   pip stops at the first requirement it cannot satisfy and names it: that one is Missing, and
-  the rest are asked again (each one alone when pip's message names none).
+  the rest are asked again (each one alone when pip's message names none). A run that could not
+  reach the index is tried again after each of `pauses_s`: a reset connection is not an outage.
   """
   if not reqs:
     return {}
   again = functools.partial(pip_query, target=target, constraints=constraints,
-                            allow_source=allow_source, run=run, fast_deps=fast_deps)
-  answer, culprit = _pip_once(lambda report, target_dir: pip_args(
-      reqs, target, constraints, report, target_dir, fast_deps, allow_source), run)
+                            allow_source=allow_source, run=run, fast_deps=fast_deps,
+                            pauses_s=pauses_s, sleep=sleep)
+  for pause_s in (*pauses_s, None):
+    answer, culprit = _pip_once(lambda report, target_dir: pip_args(
+        reqs, target, constraints, report, target_dir, fast_deps, allow_source), run)
+    if not isinstance(answer, Unreachable) or pause_s is None:
+      break
+    sleep(pause_s)
   if isinstance(answer, dict):
     return answer
   if isinstance(answer, Unreachable) or len(reqs) == 1:
@@ -554,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='also check everything an install under these pins brings in')
   parser.add_argument('--every-python', action='store_true',
                       help='every declared Python on every platform, not only the five targets')
-  parser.add_argument('--jobs', type=int, default=10, help='pip runs at once (mostly waiting)')
+  parser.add_argument('--jobs', type=int, default=5, help='pip runs at once (mostly waiting)')
   parser.add_argument('--newest-local-python', action='store_true',
                       help='only print the path of the newest CPython on this machine that '
                            'requires-python allows, newer than this one (nothing if none)')

@@ -338,11 +338,24 @@ def test_pip_query_asks_one_by_one_when_pip_names_nothing():
   assert out['bb'] == cw.Missing('ERROR: something else went wrong')
 
 
-def test_pip_query_offline_is_unreachable_for_all():
-  pip = FakePip(missing={'aa'}, output=OFFLINE)
-  out = cw.pip_query([Requirement('aa'), Requirement('bb')], LINUX, None, run=pip)
+def test_pip_query_offline_is_unreachable_for_all_after_trying_again():
+  pip, pauses = FakePip(missing={'aa'}, output=OFFLINE), []
+  out = cw.pip_query([Requirement('aa'), Requirement('bb')], LINUX, None, run=pip,
+                     pauses_s=(5, 20), sleep=pauses.append)
   assert {type(r) for r in out.values()} == {cw.Unreachable}
-  assert len(pip.calls) == 1
+  assert len(pip.calls) == 3 and pauses == [5, 20]
+
+
+def test_pip_query_gets_over_a_reset_connection():
+  pip, pauses = FakePip(missing={'aa'}, output=OFFLINE), []
+  def run(args, **kwargs):
+    if len(pip.calls) == 1:
+      pip.missing.clear()  # The index answers the second time.
+    return pip(args, **kwargs)
+  out = cw.pip_query([Requirement('aa'), Requirement('bb')], LINUX, None, run=run,
+                     pauses_s=(5, 20), sleep=pauses.append)
+  assert {type(r) for r in out.values()} == {cw.Found}
+  assert len(pip.calls) == 2 and pauses == [5]
 
 
 def test_pip_args_name_the_target():
