@@ -32,7 +32,7 @@ class InputMode:
 
   With N > 1 `seeds`, N independent replicas (seeds[i] orders replica i's data) train at
   once: the state and the plan get a leading replica axis [N, ...] and the vmapped chunk
-  functions run.
+  functions run; when every replica has the same seed, they share one plan (no replica axis).
   """
   resident = False  # Whether the dataset lives on the device (see steps.chunk_fns).
 
@@ -43,9 +43,12 @@ class InputMode:
     self.train, self.eval = splits[train_split], splits[eval_split]
     self.seeds, self.batch_size, self.unroll = list(seeds), batch_size, scan_unroll
     self.num_replicas, self.task = len(self.seeds), task
-    num_replicas = self.num_replicas
-    self._fns = steps.chunk_fns(self.resident, num_replicas > 1)
-    self._batch_axis = 1 if num_replicas == 1 else 2  # Of plan [(N,) K, B] and batch arrays.
+    # Replicas of one seed (a sweep of values) see the same batches: one plan, shared, so XLA
+    # computes the replicas' layers on one batch (one wider matmul, one gather) at once.
+    self.shared_batches = self.num_replicas > 1 and len(set(self.seeds)) == 1
+    self._fns = steps.chunk_fns(self.resident, self.num_replicas > 1, self.shared_batches)
+    stacked = self.num_replicas > 1 and not self.shared_batches
+    self._batch_axis = 2 if stacked else 1  # Of plan [(N,) K, B] and batch arrays.
     self.steps_per_epoch = math.ceil(len(self.train) / batch_size)
     self.steps_per_call = min(steps_per_call or self.steps_per_epoch, self.steps_per_epoch)
     eval_plan = input_pipeline.batch_plan(np.arange(len(self.eval), dtype=np.int32),
@@ -65,7 +68,7 @@ class InputMode:
 
     Each chunk holds 'index' and 'mask' [K, B], or [N, K, B] for N replicas.
     """
-    if self.num_replicas == 1:
+    if self.num_replicas == 1 or self.shared_batches:
       return self._replica_chunks(self.seeds[0], epoch, start)
     per_replica = [self._replica_chunks(seed, epoch, start) for seed in self.seeds]
     return [{k: np.stack([chunks[c][k] for chunks in per_replica]) for k in ('index', 'mask')}

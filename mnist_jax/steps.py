@@ -228,18 +228,20 @@ class ChunkFns:
 
 
 @functools.cache
-def chunk_fns(resident: bool, replicas: bool) -> ChunkFns:
+def chunk_fns(resident: bool, replicas: bool, shared_batches: bool = False) -> ChunkFns:
   """The chunk functions for resident data (else stacked batches), for N replicas (else one
   run); each jitted once per process, whatever the task.
 
-  Replicas share the resident data and the evaluation batches; each has its own data order.
+  Replicas share the resident data and the evaluation batches; each has its own data order,
+  unless `shared_batches` (replicas of one seed): then they share the training batches too.
   `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
   unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
   """
   train, evaluate = (train_resident, eval_resident) if resident else (train_batches,
                                                                        eval_batches)
   if replicas:
-    train = over_replicas(train, (0, None, 0) if resident else (0, 0))
+    per_replica = None if shared_batches else 0
+    train = over_replicas(train, (0, None, per_replica) if resident else (0, per_replica))
     evaluate = over_replicas(evaluate, (0, None, None) if resident else (0, None))
   return ChunkFns(
       train=jax.jit(train, donate_argnums=0,
