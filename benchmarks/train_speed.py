@@ -3,6 +3,7 @@ r"""How fast does the notebook's job train here? Prints a readable table and one
   python benchmarks/train_speed.py                      # configs/mlp.py, both input modes
   python benchmarks/train_speed.py --quick              # fewer repeats, no scaling sweep
   python benchmarks/train_speed.py --json_out=/tmp/speed.json
+  python benchmarks/train_speed.py --config=configs/cnn.py --quick   # the CNN next to PyTorch's
 
 Measured, for each input mode: compile time, steady-state seconds per epoch (median of the
 epochs after the first), examples/s, achieved GFLOP/s and its fraction of this machine's f32
@@ -15,9 +16,16 @@ reuses both): wall time, peak memory (max RSS) and the compile overhead of its f
 how the cost grows: seconds per epoch at batch 128/512/2048 and hidden width 512/2048, and for
 N = 1, 4, 16 seeds trained at once (`num_seeds`, per replica vs N separate runs).
 
+The references are the same job in other frameworks, each run as its own process: for the MLP
+(configs/mlp.py) the Keras notebook and its PyTorch version, for the CNN (configs/cnn.py) the
+PyTorch CNN (benchmarks/reference_torch_cnn.py); a table then sets this repo's `device` mode and
+PyTorch side by side: steady s/epoch, examples/s, fraction of the matmul peak (the same FLOP
+count for both), 5 epochs with compilation included, and the whole process.
+
 Works unchanged on a GPU or TPU (the peak is then the device's f32 matmul rate).
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -34,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +59,8 @@ flags.DEFINE_string('json_out', '', 'Also write the JSON object to this file.')
 flags.DEFINE_bool('references', True, 'Also time the Keras notebook and the PyTorch version '
                   '(benchmarks/reference_*.py) on the same machine, where importable.')
 flags.DEFINE_string('torch_python', sys.executable, 'A Python that can import torch.')
+flags.DEFINE_string('idx_dir', '', "The MNIST IDX files for the references ('': their default, "
+                    '../shared/data/mnist_idx next to the checkout).')
 FLAGS = flags.FLAGS
 
 
@@ -77,21 +88,39 @@ def matmul_peak(n: int = 2048, repeats: int = 20) -> float:
   return 2 * n**3 / best / 1e9
 
 
-def step_flops(run: train.Setup, batch_size: int) -> tuple[float, float | None]:
-  """FLOPs of one train step: XLA's cost analysis, and the matmul count for a plain MLP."""
+def step_flops(run: train.Setup, batch_size: int) -> tuple[float, float]:
+  """FLOPs of one train step: XLA's cost analysis, and the multiply-adds of the layers.
+
+  The analytic count: every layer with a kernel (dense or convolution) does
+  (output positions) x (kernel size) multiply-adds forward, as many for its weight gradient, and
+  as many again for its input gradient except the first layer (its input is the image).
+  """
   image_shape = run.info.image_shape
   batch = dict(image=jnp.zeros((batch_size, *image_shape), jnp.uint8),
                label=jnp.zeros((batch_size,), jnp.int32), mask=jnp.ones((batch_size,)))
   compiled = jax.jit(steps.train_step).lower(run.state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  kernels = [x.shape for x in jax.tree.leaves(run.state.params) if x.ndim == 2]
-  analytic = None
-  if kernels and all(x.ndim <= 2 for x in jax.tree.leaves(run.state.params)):
-    # forward + weight gradient for every layer, input gradient for all but the first.
-    analytic = sum(2 * a * b * batch_size * (2 if i == 0 else 3)
-                   for i, (a, b) in enumerate(kernels))
-  return float(cost.get('flops', 0.0)), analytic
+  return float(cost.get('flops', 0.0)), analytic_step_flops(run.state, image_shape, batch_size)
+
+
+def analytic_step_flops(state, image_shape, batch_size: int) -> float:
+  """2 x the multiply-adds of a train step, from each kernel's layer output (see step_flops)."""
+  images = jnp.zeros((batch_size, *image_shape), jnp.float32)
+  _, captured = jax.eval_shape(functools.partial(
+      state.apply_fn, capture_intermediates=True, mutable=['intermediates']),
+      {'params': state.params}, images)
+  outputs = {path[:-1]: out for path, out in
+             flax.traverse_util.flatten_dict(captured['intermediates']).items()
+             if path[-1] == '__call__'}
+  flops = 0.0
+  kernels = [(path[:-1], k) for path, k in flax.traverse_util.flatten_dict(state.params).items()
+             if path[-1] == 'kernel']
+  for i, (layer, kernel) in enumerate(kernels):  # In the order the layers were created.
+    out = outputs[layer][0]
+    positions = out.size // out.shape[-1]
+    flops += 2 * positions * kernel.size * (2 if i == 0 else 3)
+  return flops
 
 
 def load_config(path: str, **overrides):
@@ -138,11 +167,12 @@ def measure_mode(config_path: str, mode: str, peak: float, epochs: int) -> dict:
   run, seconds = result['run'], result['epoch_seconds']
   steady = statistics.median(seconds[1:])
   xla_flops, analytic = step_flops(run, config.batch_size)
-  flops_per_epoch = (analytic or xla_flops) * run.mode.steps_per_epoch
+  flops_per_epoch = analytic * run.mode.steps_per_epoch
   return dict(
       input_mode=mode, compile_and_first_epoch_s=seconds[0], compile_s=seconds[0] - steady,
       steady_s_per_epoch=steady, examples_per_s=len(run.mode.train) / steady,
-      step_mflop_analytic=analytic and analytic / 1e6, step_mflop_xla=xla_flops / 1e6,
+      step_mflop_analytic=analytic / 1e6, step_mflop_xla=xla_flops / 1e6,
+      epoch_gflop=flops_per_epoch / 1e9,
       gflops=flops_per_epoch / steady / 1e9, fraction_of_peak=flops_per_epoch / steady / 1e9 / peak,
       train_5_epochs_s=sum(seconds[:5]), epoch_seconds=seconds,
       train_5_epochs_at_peak_s=5 * flops_per_epoch / (peak * 1e9),
@@ -187,13 +217,19 @@ def whole_process(config_path: str, mode: str) -> list[dict]:
   return runs
 
 
-def references() -> list[dict]:
-  """The Keras notebook and the PyTorch version, each as its own process, timed from outside."""
+# The same job in other frameworks, by the config's model.
+REFERENCE_SCRIPTS = {'mlp': ('reference_keras.py', 'reference_torch.py'),
+                     'cnn': ('reference_torch_cnn.py',)}
+
+
+def references(model_name: str) -> list[dict]:
+  """The references for this model, each as its own process, timed from outside."""
   rows = []
-  for script, python in (('reference_keras.py', sys.executable),
-                         ('reference_torch.py', FLAGS.torch_python)):
+  for script in REFERENCE_SCRIPTS.get(model_name, ()):
+    python = FLAGS.torch_python if 'torch' in script else sys.executable
     out = pathlib.Path(tempfile.mkdtemp()) / 'out.json'
-    command = ['sh', '-c', f'exec "{python}" "{REPO / "benchmarks" / script}" > "{out}"']
+    idx = f' --idx_dir="{FLAGS.idx_dir}"' if FLAGS.idx_dir else ''
+    command = ['sh', '-c', f'exec "{python}" "{REPO / "benchmarks" / script}"{idx} > "{out}"']
     try:
       wall, rss_kb = timed_process(command, dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
                                    cwd=REPO / 'benchmarks')
@@ -203,6 +239,25 @@ def references() -> list[dict]:
     rows.append(dict(json.loads(out.read_text().strip().splitlines()[-1]), script=script,
                      wall_s=wall, peak_rss_mb=rss_kb / 1024))
   return rows
+
+
+def side_by_side(result: dict) -> dict | None:
+  """This repo's `device` mode next to the PyTorch reference that reports steady epochs."""
+  ours = next((r for r in result['modes'] if r['input_mode'] == 'device'), None)
+  torch = next((r for r in result.get('references', []) if 'steady_s_per_epoch' in r), None)
+  if ours is None or torch is None:
+    return None
+  warm = next((r for r in result.get('whole_process', [])
+               if r['input_mode'] == 'device' and r['run'] == 'warm'), None)
+  peak, gflop, n = result['matmul_peak_gflops'], ours['epoch_gflop'], ours['examples_per_s']
+  n = n * ours['steady_s_per_epoch']  # Examples per epoch.
+  row = lambda steady, five, whole: dict(
+      steady_s_per_epoch=steady, examples_per_s=n / steady,
+      fraction_of_peak=gflop / steady / peak, train_5_epochs_s=five, whole_process_s=whole)
+  jax_row = row(ours['steady_s_per_epoch'], ours['train_5_epochs_s'], warm and warm['wall_s'])
+  torch_row = row(torch['steady_s_per_epoch'], torch['fit_s'], torch['wall_s'])
+  return dict(this_repo=jax_row, torch=dict(torch_row, framework=torch['framework']),
+              ratio={k: jax_row[k] / torch_row[k] for k in jax_row if jax_row[k] is not None})
 
 
 def scaling(config_path: str) -> list[dict]:
@@ -254,6 +309,19 @@ def print_table(result: dict) -> None:
     print(f"num_seeds {r['num_seeds']:3d}: {r['s_per_epoch']:.3f} s/epoch, "
           f"{r['s_per_epoch_per_replica']:.3f} s/epoch per replica "
           '(N separate runs: N x the num_seeds=1 figure)')
+  if result.get('side_by_side'):
+    sbs = result['side_by_side']
+    ours, torch, ratio = sbs['this_repo'], sbs['torch'], sbs['ratio']
+    print(f"\n{'':26s} {'this repo (device)':>19s} {torch['framework'] + ' eager':>19s} "
+          f"{'ratio':>7s}")
+    for key, label, fmt in (('steady_s_per_epoch', 'steady s/epoch', '{:.2f} s'),
+                            ('examples_per_s', 'examples/s', '{:,.0f}'),
+                            ('fraction_of_peak', 'fraction of matmul peak', '{:.1%}'),
+                            ('train_5_epochs_s', '5 epochs (with compile)', '{:.1f} s'),
+                            ('whole_process_s', 'whole process (warm)', '{:.1f} s')):
+      mine = '-' if ours[key] is None else fmt.format(ours[key])
+      print(f"{label:26s} {mine:>19s} {fmt.format(torch[key]):>19s} "
+            f"{ratio[key] if key in ratio else float('nan'):6.2f}x")
   if result.get('scaling'):
     print('\nscaling (device mode, steady s/epoch):')
     for r in result['scaling']:
@@ -273,7 +341,8 @@ def main(argv):
     result['whole_process'] = [r for mode in FLAGS.modes
                                for r in whole_process(FLAGS.config, mode)]
   if FLAGS.references:
-    result['references'] = references()
+    result['references'] = references(load_config(FLAGS.config).model.name)
+    result['side_by_side'] = side_by_side(result)
   if not FLAGS.quick:
     result['seeds'] = seeds_scaling(FLAGS.config)
     result['scaling'] = scaling(FLAGS.config)

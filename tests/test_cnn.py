@@ -2,6 +2,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,6 +15,7 @@ from conftest import load_config_module
 from mnist_jax import models
 from mnist_jax import train
 from mnist_jax.models import cnn
+from mnist_jax.models import layers
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -99,6 +101,46 @@ def test_parameter_count_follows_the_fields(features, hidden_sizes):
   assert sum(x.size for x in jax.tree.leaves(params)) == cnn_param_count(features, hidden_sizes)
   logits = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((2, *IMAGE_SHAPE)))
   assert logits.shape == (2, NUM_CLASSES)
+
+
+class FlaxLayersCNN(nn.Module):
+  """configs/cnn.py's network on Flax's own nn.Conv and nn.max_pool: what cnn.Model must compute."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    inits = dict(kernel_init=nn.initializers.glorot_uniform(), bias_init=nn.initializers.zeros)
+    for features in (32, 64):
+      x = nn.relu(nn.Conv(features, (3, 3), **inits)(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Dense(128, **inits)(x.reshape((x.shape[0], -1))))
+    return layers.Logits(NUM_CLASSES, **inits, name='Dense_1')(x)
+
+
+def test_same_parameters_logits_and_gradients_as_with_flax_layers():
+  """Same initial parameters (so fingerprints and checkpoints compare), logits and gradients."""
+  model = models.build(cnn_config().model, NUM_CLASSES)
+  reference = FlaxLayersCNN()
+  images = np.random.default_rng(2).random((8, *IMAGE_SHAPE), np.float32)
+  labels = np.arange(8) % NUM_CLASSES
+  init = lambda m: jax.jit(m.init)(jax.random.PRNGKey(0), images)['params']
+  params, ref_params = init(model), init(reference)
+  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(a, b)
+
+  def loss_and_grads(m):
+    def loss(p):
+      logits = m.apply({'params': p}, images)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (loss, logits), grads = loss_and_grads(model)
+  (ref_loss, ref_logits), ref_grads = loss_and_grads(reference)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_dropout_only_in_training():

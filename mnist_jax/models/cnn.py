@@ -1,4 +1,8 @@
-"""A small convolutional network: [Conv -> activation -> max-pool] per feature size, then MLP."""
+"""A small convolutional network: [Conv -> activation -> max-pool] per feature size, then MLP.
+
+Its convolution and pooling are models/layers.py's: Flax's layers with faster CPU paths (same
+parameters, values and gradients).
+"""
 
 from collections.abc import Sequence
 
@@ -26,8 +30,8 @@ class Model(nn.Module):
     act = models.activation(self.activation)
     x = images_BxHxWxC
     for features in self.features:
-      x = act(nn.Conv(features, (self.kernel_size, self.kernel_size), **inits)(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = act(layers.Conv(features, (self.kernel_size, self.kernel_size), **inits)(x))
+      x = layers.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     for size in self.hidden_sizes:
       x = act(nn.Dense(size, **inits)(x))
