@@ -81,11 +81,9 @@ def test_parameter_shapes_and_count():
                     'Conv_1': {'kernel': (3, 3, 32, 64), 'bias': (64,)},
                     'Dense_0': {'kernel': (7 * 7 * 64, 128), 'bias': (128,)},
                     'Dense_1': {'kernel': (10, 128), 'bias': (10,)}}  # Stored transposed.
-  expected = (3 * 3 * 1 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (
-      128 * 10 + 10)
-  assert expected == 421_642
-  assert sum(x.size for x in jax.tree.leaves(params)) == expected
-  assert cnn_param_count((32, 64), (128,)) == expected
+  # Conv 3x3x1x32 + 32, conv 3x3x32x64 + 64, dense 7*7*64 x 128 + 128, logits 128 x 10 + 10.
+  assert sum(x.size for x in jax.tree.leaves(params)) == 421_642
+  assert cnn_param_count((32, 64), (128,)) == 421_642
 
 
 @pytest.mark.parametrize('features, hidden_sizes', [
