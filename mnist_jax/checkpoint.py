@@ -110,7 +110,7 @@ class Checkpointer:
           # finished with '<step>/commit_success.txt'; a step without it was never finished.
           if path.name.isdigit() and not (path / _COMMIT_MARK).exists():
             path.rmtree()
-        elif _TMP_MARK in path.name and path.is_dir() and not path.is_symlink():
+        elif _TMP_MARK in path.name and path.is_dir() and not os.path.islink(path):
           shutil.rmtree(path, ignore_errors=True)
 
   def steps(self) -> list[int]:

@@ -112,7 +112,7 @@ def test_comment_rules(example_path):
 
 
 def test_markdown_table_one_row_per_field():
-  rows = config_doc.fields(MLP_CONFIG_PATH)
+  rows = config_doc.table_rows(MLP_CONFIG_PATH)
   lines = config_doc.markdown_table(MLP_CONFIG_PATH).splitlines()
   assert lines[:2] == ['| field | default | meaning |', '| --- | --- | --- |']
   assert len(lines) == 2 + len(rows)
