@@ -53,6 +53,13 @@ def _cache_env_in_tmp(tmp_path_factory):
     os.environ['MNIST_JAX_CACHE'] = old
 
 
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory) -> pathlib.Path:
+  """One JAX compilation cache for every run.py child of the session (the crash, reliability
+  and bucket tests run the same tiny jobs): each program is compiled once, not once a module."""
+  return tmp_path_factory.mktemp('compile_cache')
+
+
 @pytest.fixture
 def mlp_config():
   """A fresh configs/mlp.py config with caching off and downloads refused (tests are offline)."""

@@ -37,9 +37,9 @@ PARALLEL = 2  # Runs at once (the machine has 2 cores; most of a run is one busy
 class Lab:
   """Runs scenarios: a workdir, and run.py started in it once per entry of `starts`."""
 
-  def __init__(self, base, runner):
+  def __init__(self, base, runner, cache):
     self.base, self.runner = base, runner
-    self.cache = base / 'jax_cache'  # Shared compilation cache: only the first run compiles.
+    self.cache = cache  # Shared compilation cache: only the first run compiles.
 
   def args(self, **overrides):
     return cu.config_args(self.cache, **overrides)
@@ -115,9 +115,9 @@ SCENARIOS = {
 
 
 @pytest.fixture(scope='module')
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, compile_cache):
   base = tmp_path_factory.mktemp('crash')
-  return Lab(base, cu.Runner(base / 'logs'))
+  return Lab(base, cu.Runner(base / 'logs'), compile_cache)
 
 
 @pytest.fixture(scope='module')

@@ -43,10 +43,10 @@ def gcs():
 
 
 @pytest.fixture(scope='module')
-def lab(gcs, tmp_path_factory):
+def lab(gcs, tmp_path_factory, compile_cache):
   base = tmp_path_factory.mktemp('gcs_runs')
   runner = cu.Runner(base / 'logs')
-  args = lambda **kw: cu.config_args(base / 'jax_cache', num_epochs=2, write_report=True,
+  args = lambda **kw: cu.config_args(compile_cache, num_epochs=2, write_report=True,
                                      write_tensorboard=True, **kw)
   local = runner.run(base / 'local', args(), state_file=base / 'local_state.json')
   assert local.returncode == 0, local.explain()

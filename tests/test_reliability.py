@@ -35,9 +35,9 @@ PARALLEL = 2
 
 class Lab:
 
-  def __init__(self, base):
+  def __init__(self, base, cache):
     self.base, self.runner = base, cu.Runner(base / 'logs')
-    self.cache = base / 'jax_cache'
+    self.cache = cache
 
   def args(self, **overrides):
     return cu.config_args(self.cache, **overrides)
@@ -144,8 +144,8 @@ def _workdir_problems(lab):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  lab = Lab(tmp_path_factory.mktemp('reliability'))
+def runs(tmp_path_factory, compile_cache):
+  lab = Lab(tmp_path_factory.mktemp('reliability'), compile_cache)
   out = {'reference': lab.run('reference')}
   jobs = dict(
       reference_4_epochs=lambda: lab.run('reference_4_epochs', num_epochs=4),
