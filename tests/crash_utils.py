@@ -24,12 +24,17 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+from multiprocessing import connection
+from multiprocessing import context
+from multiprocessing import forkserver
+from multiprocessing import popen_forkserver
 import os
 import pathlib
 import re
 import runpy
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -133,8 +138,57 @@ class Result:
             f'{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-5000:]}')
 
 
+class StatusLost(RuntimeError):
+  """The fork server never sent a child's exit status (multiprocessing would report 255)."""
+
+
+class _Popen(popen_forkserver.Popen):
+  """multiprocessing's fork-server Popen, with its exit status read once, under a lock.
+
+  CPython's `Popen.poll` (3.11 to 3.14, https://github.com/python/cpython/issues/130895) reads
+  the status from the fork server's pipe without a lock. Two threads polling one child (one in
+  `join`, the other in `Process.start`, which first polls every live child) can both find the
+  pipe readable; one reads the status, the other then reads end-of-file, and sets
+  `returncode = 255` over the real status or before it: a SIGKILLed or exit-2 child reported
+  as exit 255. Here the second poller finds the status the first one read; and a status that
+  never came (the fork server died) is marked `status_lost`, for `Child.wait` to raise.
+  """
+
+  def __init__(self, process_obj):
+    self._status_lock = threading.Lock()
+    self.status_lost = False
+    super().__init__(process_obj)
+
+  def poll(self, flag=os.WNOHANG):
+    if self.returncode is None:
+      if not connection.wait([self.sentinel], 0 if flag == os.WNOHANG else None):
+        return None
+      with self._status_lock:  # The pipe is readable: the read cannot block.
+        if self.returncode is None:
+          try:
+            self.returncode = forkserver.read_signed(self.sentinel)
+          except (OSError, EOFError):
+            self.status_lost = True
+            self.returncode = 255  # What multiprocessing says; Child.wait raises StatusLost.
+    return self.returncode
+
+
+class _Process(context.ForkServerProcess):
+
+  @staticmethod
+  def _Popen(process_obj):
+    return _Popen(process_obj)
+
+  @property
+  def status_lost(self) -> bool:
+    return self._popen is not None and self._popen.status_lost
+
+
 class Runner:
-  """Starts run.py children from a fork server that already imported the heavy libraries."""
+  """Starts run.py children from a fork server that already imported the heavy libraries.
+
+  Safe to use from several threads (test_crash_safety.py starts its runs two at a time).
+  """
 
   def __init__(self, log_dir: str | os.PathLike):
     self.log_dir = pathlib.Path(log_dir)
@@ -159,7 +213,7 @@ class Runner:
                 state_file=str(state_file) if state_file else None,
                 num_examples=num_examples, script=str(script), stdout=f'{logs}.out',
                 stderr=f'{logs}.err')
-    process = self._ctx.Process(target=_child_main, args=(spec,), daemon=True)
+    process = _Process(target=_child_main, args=(spec,), daemon=True)
     process.start()
     return Child(process, spec)
 
@@ -185,6 +239,11 @@ class Child:
       self.process.join()
       raise TimeoutError(f'run.py child did not finish in {timeout}s: {self.spec}\n'
                          f'{_read(self.spec["stdout"])}\n{_read(self.spec["stderr"])[-3000:]}')
+    if self.process.status_lost:
+      raise StatusLost(f'the fork server never sent the exit status of run.py child '
+                       f'{self.process.pid}: {self.spec}\n--- stdout ---\n'
+                       f'{_read(self.spec["stdout"])[-3000:]}\n--- stderr ---\n'
+                       f'{_read(self.spec["stderr"])[-3000:]}')
     return Result(self.process.exitcode, _read(self.spec['stdout']), _read(self.spec['stderr']),
                   time.perf_counter() - self._start)
 
