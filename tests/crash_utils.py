@@ -22,6 +22,7 @@ Used by tests/test_crash_safety.py and benchmarks/stress_resume.py.
 import atexit
 import dataclasses
 import hashlib
+import itertools
 import json
 import multiprocessing
 from multiprocessing import connection
@@ -198,12 +199,11 @@ class Runner:
     if tests_dir not in sys.path:  # The fork server imports crash_utils from sys.path.
       sys.path.insert(0, tests_dir)
     self._ctx.set_forkserver_preload(_PRELOAD)
-    self._count = 0
+    self._ids = itertools.count(1)  # next() is atomic: two threads never get the same logs.
 
   def start(self, workdir, args, *, faults=(), record=None, state_file=None,
             num_examples: int = NUM_EXAMPLES, script=REPO_ROOT / 'run.py') -> 'Child':
-    self._count += 1
-    logs = self.log_dir / f'run{self._count:03d}'
+    logs = self.log_dir / f'run{next(self._ids):03d}'
     for path in (record, state_file):
       if path:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
