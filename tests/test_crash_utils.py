@@ -38,7 +38,8 @@ def test_two_threads_reading_one_childs_status_both_get_it(runner, tmp_path, mon
 
   monkeypatch.setattr(connection, 'wait', wait)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:  # A blocking and a non-blocking poll.
-    codes = list(pool.map(child.process._popen.poll, [0, os.WNOHANG]))  # pylint: disable=protected-access
+    poll = child.process._popen.poll  # pylint: disable=protected-access
+    codes = list(pool.map(poll, [0, os.WNOHANG]))
   monkeypatch.undo()
   assert codes == [2, 2]
   result = child.wait()
