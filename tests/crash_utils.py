@@ -70,6 +70,9 @@ CONFIG = {
     'write_report': False,
     'write_tensorboard': False,
 }
+# A run of the tiny job takes 2-15 s on an idle 2-core machine (the first compiles), and was seen
+# to take over 100 s while other test suites shared the machine; only a hang should take this long.
+TIMEOUT_S = 600
 TMP_MARK = 'tmp'  # Orbax names an unfinished checkpoint '<step>.orbax-checkpoint-tmp'.
 
 _PRELOAD = ['tensorflow', 'tensorflow_datasets', 'jax', 'optax', 'flax.linen', 'orbax.checkpoint',
@@ -226,7 +229,7 @@ class Runner:
     process.start()
     return Child(process, spec)
 
-  def run(self, workdir, args, *, timeout: float = 180, kill_after: float | None = None,
+  def run(self, workdir, args, *, timeout: float = TIMEOUT_S, kill_after: float | None = None,
           **kwargs) -> Result:
     return self.start(workdir, args, **kwargs).wait(timeout, kill_after=kill_after)
 
@@ -236,7 +239,7 @@ class Child:
   def __init__(self, process, spec):
     self.process, self.spec, self._start = process, spec, time.perf_counter()
 
-  def wait(self, timeout: float = 180, *, kill_after: float | None = None) -> Result:
+  def wait(self, timeout: float = TIMEOUT_S, *, kill_after: float | None = None) -> Result:
     """Waits for the child; `kill_after` seconds after its start, SIGKILLs it from outside."""
     if kill_after is not None:
       self.process.join(max(0.0, kill_after - (time.perf_counter() - self._start)))
