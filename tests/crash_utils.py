@@ -11,6 +11,10 @@ What a child can do besides running run.py (all by wrapping functions in the chi
   * record every real train step to a JSON-lines file, flushed after each call: the global step,
     its loss, and the example indices of its batch (the data order);
   * write fingerprints of the final TrainState (params, optimizer state, step, RNG) to a file;
+  * keep its own record of how it ended (`Result.child_log`, runNNN.child in the log folder):
+    a fault it fires at itself, run.py's SystemExit or exception with its last frames, the stack
+    of every os._exit (the last one carries the exit status the parent should see), and
+    faulthandler's dump of every thread on a fatal signal, or on a timeout (`Child.wait`);
   * inject faults (`Fault`): SIGKILL or SIGTERM itself at the Nth train call, before or right
     after the Nth `Checkpointer.save` (the asynchronous write still in flight), inside Orbax's
     write path (its temporary folder just created, or fully written but not yet renamed into
@@ -20,17 +24,26 @@ Used by tests/test_crash_safety.py and benchmarks/stress_resume.py.
 """
 
 import atexit
+import contextlib
 import dataclasses
+import faulthandler
 import hashlib
+import itertools
 import json
 import multiprocessing
+from multiprocessing import connection
+from multiprocessing import context
+from multiprocessing import forkserver
+from multiprocessing import popen_forkserver
 import os
 import pathlib
 import re
 import runpy
 import signal
 import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,6 +70,9 @@ CONFIG = {
     'write_report': False,
     'write_tensorboard': False,
 }
+# A run of the tiny job takes 2-15 s on an idle 2-core machine (the first compiles), and was seen
+# to take over 100 s while other test suites shared the machine; only a hang should take this long.
+TIMEOUT_S = 600
 TMP_MARK = 'tmp'  # Orbax names an unfinished checkpoint '<step>.orbax-checkpoint-tmp'.
 
 _PRELOAD = ['tensorflow', 'tensorflow_datasets', 'jax', 'optax', 'flax.linen', 'orbax.checkpoint',
@@ -120,6 +136,7 @@ class Result:
   stdout: str
   stderr: str
   seconds: float
+  child_log: str = ''  # The child's own record of how it ended (see _child_main).
 
   @property
   def killed(self) -> bool:
@@ -137,11 +154,61 @@ class Result:
 
   def explain(self) -> str:
     return (f'exit {self.returncode} after {self.seconds:.1f}s\n--- stdout ---\n'
-            f'{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-5000:]}')
+            f'{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-5000:]}\n'
+            f'--- the child\'s own record ---\n{self.child_log[-5000:]}')
+
+
+class StatusLost(RuntimeError):
+  """The fork server never sent a child's exit status (multiprocessing would report 255)."""
+
+
+class _Popen(popen_forkserver.Popen):
+  """multiprocessing's fork-server Popen, with its exit status read once, under a lock.
+
+  CPython's `Popen.poll` (3.11 to 3.14, https://github.com/python/cpython/issues/130895) reads
+  the status from the fork server's pipe without a lock. Two threads polling one child (one in
+  `join`, the other in `Process.start`, which first polls every live child) can both find the
+  pipe readable; one reads the status, the other then reads end-of-file, and sets
+  `returncode = 255` over the real status or before it: a SIGKILLed or exit-2 child reported
+  as exit 255. Here the second poller finds the status the first one read; and a status that
+  never came (the fork server died) is marked `status_lost`, for `Child.wait` to raise.
+  """
+
+  def __init__(self, process_obj):
+    self._status_lock = threading.Lock()
+    self.status_lost = False
+    super().__init__(process_obj)
+
+  def poll(self, flag=os.WNOHANG):
+    if self.returncode is None:
+      if not connection.wait([self.sentinel], 0 if flag == os.WNOHANG else None):
+        return None
+      with self._status_lock:  # The pipe is readable: the read cannot block.
+        if self.returncode is None:
+          try:
+            self.returncode = forkserver.read_signed(self.sentinel)
+          except (OSError, EOFError):
+            self.status_lost = True
+            self.returncode = 255  # What multiprocessing says; Child.wait raises StatusLost.
+    return self.returncode
+
+
+class _Process(context.ForkServerProcess):
+
+  @staticmethod
+  def _Popen(process_obj):
+    return _Popen(process_obj)
+
+  @property
+  def status_lost(self) -> bool:
+    return self._popen is not None and self._popen.status_lost
 
 
 class Runner:
-  """Starts run.py children from a fork server that already imported the heavy libraries."""
+  """Starts run.py children from a fork server that already imported the heavy libraries.
+
+  Safe to use from several threads (test_crash_safety.py starts its runs two at a time).
+  """
 
   def __init__(self, log_dir: str | os.PathLike):
     self.log_dir = pathlib.Path(log_dir)
@@ -151,12 +218,11 @@ class Runner:
     if tests_dir not in sys.path:  # The fork server imports crash_utils from sys.path.
       sys.path.insert(0, tests_dir)
     self._ctx.set_forkserver_preload(_PRELOAD)
-    self._count = 0
+    self._ids = itertools.count(1)  # next() is atomic: two threads never get the same logs.
 
   def start(self, workdir, args, *, faults=(), record=None, state_file=None,
             num_examples: int = NUM_EXAMPLES, script=REPO_ROOT / 'run.py') -> 'Child':
-    self._count += 1
-    logs = self.log_dir / f'run{self._count:03d}'
+    logs = self.log_dir / f'run{next(self._ids):03d}'
     for path in (record, state_file):
       if path:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -165,12 +231,12 @@ class Runner:
                 record=str(record) if record else None,
                 state_file=str(state_file) if state_file else None,
                 num_examples=num_examples, script=str(script), stdout=f'{logs}.out',
-                stderr=f'{logs}.err')
-    process = self._ctx.Process(target=_child_main, args=(spec,), daemon=True)
+                stderr=f'{logs}.err', child_log=f'{logs}.child')
+    process = _Process(target=_child_main, args=(spec,), daemon=True)
     process.start()
     return Child(process, spec)
 
-  def run(self, workdir, args, *, timeout: float = 180, kill_after: float | None = None,
+  def run(self, workdir, args, *, timeout: float = TIMEOUT_S, kill_after: float | None = None,
           **kwargs) -> Result:
     return self.start(workdir, args, **kwargs).wait(timeout, kill_after=kill_after)
 
@@ -180,7 +246,7 @@ class Child:
   def __init__(self, process, spec):
     self.process, self.spec, self._start = process, spec, time.perf_counter()
 
-  def wait(self, timeout: float = 180, *, kill_after: float | None = None) -> Result:
+  def wait(self, timeout: float = TIMEOUT_S, *, kill_after: float | None = None) -> Result:
     """Waits for the child; `kill_after` seconds after its start, SIGKILLs it from outside."""
     if kill_after is not None:
       self.process.join(max(0.0, kill_after - (time.perf_counter() - self._start)))
@@ -188,12 +254,36 @@ class Child:
         os.kill(self.process.pid, signal.SIGKILL)
     self.process.join(timeout)
     if self.process.exitcode is None:
+      self._dump_stacks()
       self.process.kill()
       self.process.join()
       raise TimeoutError(f'run.py child did not finish in {timeout}s: {self.spec}\n'
-                         f'{_read(self.spec["stdout"])}\n{_read(self.spec["stderr"])[-3000:]}')
+                         f'{self._logs()}')
+    if self.process.status_lost:
+      raise StatusLost(f'the fork server never sent the exit status of run.py child '
+                       f'{self.process.pid}: {self.spec}\n{self._logs()}')
     return Result(self.process.exitcode, _read(self.spec['stdout']), _read(self.spec['stderr']),
-                  time.perf_counter() - self._start)
+                  time.perf_counter() - self._start, _read(self.spec['child_log']))
+
+  def _dump_stacks(self) -> None:
+    """Has the child's faulthandler write every thread's stack into its record (SIGUSR1)."""
+    def size():
+      return len(_read(self.spec['child_log']))
+
+    before = size()
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(self.process.pid, signal.SIGUSR1)
+    deadline, last = time.monotonic() + 5, before
+    while time.monotonic() < deadline:  # Until the dump has begun and stopped growing.
+      time.sleep(0.2)
+      now = size()
+      if last > before and now == last:
+        break
+      last = now
+  def _logs(self) -> str:
+    return (f'--- stdout ---\n{_read(self.spec["stdout"])[-3000:]}\n--- stderr ---\n'
+            f'{_read(self.spec["stderr"])[-3000:]}\n--- the child\'s own record ---\n'
+            f'{_read(self.spec["child_log"])[-5000:]}')
 
 
 def _read(path) -> str:
@@ -206,23 +296,69 @@ def _read(path) -> str:
 # --- Inside the child ---------------------------------------------------------------------
 
 def _child_main(spec: dict) -> None:
+  """Runs run.py; writes to spec['child_log'] how the child ends.
+
+  The record: a fault the child fires at itself; how run.py ended (SystemExit and its code, or an
+  exception, with the last frames); the stack of every `os._exit` (the fork server's final one
+  gives the exit status the parent should see); and faulthandler's dump of every thread on a
+  fatal signal (SIGSEGV, SIGABRT, ...) or on SIGUSR1 (what Child.wait sends on a timeout).
+  """
   for fd, path in ((1, spec['stdout']), (2, spec['stderr'])):
     with open(path, 'w') as f:
       os.dup2(f.fileno(), fd)
   sys.stdout.reconfigure(line_buffering=True)
   sys.stderr.reconfigure(line_buffering=True)
+  log = _ChildLog(spec['child_log'])
+  faulthandler.enable(file=log.file, all_threads=True)
+  faulthandler.register(signal.SIGUSR1, file=log.file, all_threads=True)
+  _log_os_exit(log)
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_platforms', 'cpu')  # Bit-exact comparisons are made on the CPU.
-  _install_hooks(spec)
+  _install_hooks(spec, log)
   os.chdir(REPO_ROOT)
   argv = ['run.py', *spec['args']] + ([f'--workdir={spec["workdir"]}'] if spec['workdir'] else [])
   sys.argv = argv
   try:
     with tfds.testing.mock_data(num_examples=spec['num_examples']):
       runpy.run_path(spec['script'], run_name='__main__')
+    log.write('run.py returned\n')
+  except SystemExit as e:
+    log.write(f'run.py ended: SystemExit({e.code!r}), raised at:\n'
+              + ''.join(traceback.format_tb(e.__traceback__)[-3:]))
+    raise
+  except BaseException as e:
+    log.write(f'run.py ended: {type(e).__name__}: {e}\n' + traceback.format_exc())
+    raise
   finally:
+    log.write('running the atexit functions\n')
     atexit._run_exitfuncs()  # pylint: disable=protected-access  (a forked child skips them)
+    log.write('atexit functions done\n')
+
+
+class _ChildLog:
+  """The child's own record; a write that fails (a full disk) is dropped, never raised."""
+
+  def __init__(self, path: str):
+    self.file = open(path, 'w', buffering=1)  # pylint: disable=consider-using-with
+
+  def write(self, text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+      self.file.write(text)
+      self.file.flush()
+
+
+def _log_os_exit(log: _ChildLog) -> None:
+  """Makes every os._exit in this process write its code and Python stack to `log` first."""
+  real_exit = os._exit  # pylint: disable=protected-access
+
+  def _exit(code):
+    log.write(f'os._exit({code}), called from:\n')
+    with contextlib.suppress(OSError, ValueError):
+      faulthandler.dump_traceback(file=log.file, all_threads=False)
+    real_exit(code)
+
+  os._exit = _exit  # pylint: disable=protected-access
 
 
 def _kill(how: str) -> None:
@@ -252,9 +388,10 @@ def wait_until_waiting(release, child: 'Child', timeout_s: float = 120) -> None:
 
 class _Faults:
 
-  def __init__(self, faults: list[dict]):
+  def __init__(self, faults: list[dict], log):
     self.faults = faults
     self.counts = {}
+    self.log = log
 
   def hit(self, at: str) -> list[str]:
     """Counts an event; returns what the faults planned for it do (WAITs done already)."""
@@ -267,10 +404,11 @@ class _Faults:
 
   def fire(self, at: str) -> None:
     for do in self.hit(at):
+      self.log.write(f'fault: {do}@{at}#{self.counts[at]}\n')
       _kill(do)
 
 
-def _install_hooks(spec: dict) -> None:
+def _install_hooks(spec: dict, log) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
@@ -279,7 +417,7 @@ def _install_hooks(spec: dict) -> None:
   from mnist_jax import writers  # pylint: disable=g-import-not-at-top
   from mnist_jax import train  # pylint: disable=g-import-not-at-top
 
-  faults = _Faults(spec['faults'])
+  faults = _Faults(spec['faults'], log)
   record = open(spec['record'], 'a') if spec['record'] else None
 
   original_train_call = input_modes.InputMode.train_call
