@@ -210,8 +210,11 @@ class Runner:
   Safe to use from several threads (test_crash_safety.py starts its runs two at a time).
   """
 
-  def __init__(self, log_dir: str | os.PathLike):
+  def __init__(self, log_dir: str | os.PathLike, env: dict[str, str] | None = None):
+    """`env`: variables set in every child. The fork server is one per test process and keeps
+    the environment it started with, so a test cannot rely on os.environ reaching it."""
     self.log_dir = pathlib.Path(log_dir)
+    self.env = dict(env or {})
     self.log_dir.mkdir(parents=True, exist_ok=True)
     self._ctx = multiprocessing.get_context('forkserver')
     tests_dir = str(pathlib.Path(__file__).resolve().parent)
@@ -226,7 +229,7 @@ class Runner:
     for path in (record, state_file):
       if path:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    spec = dict(workdir=str(workdir) if workdir else None, args=list(args),
+    spec = dict(workdir=str(workdir) if workdir else None, args=list(args), env=self.env,
                 faults=[dataclasses.asdict(f) for f in faults],
                 record=str(record) if record else None,
                 state_file=str(state_file) if state_file else None,
@@ -303,6 +306,7 @@ def _child_main(spec: dict) -> None:
   gives the exit status the parent should see); and faulthandler's dump of every thread on a
   fatal signal (SIGSEGV, SIGABRT, ...) or on SIGUSR1 (what Child.wait sends on a timeout).
   """
+  os.environ.update(spec['env'])
   for fd, path in ((1, spec['stdout']), (2, spec['stderr'])):
     with open(path, 'w') as f:
       os.dup2(f.fileno(), fd)

@@ -32,7 +32,7 @@ def gcs():
     pytest.skip(gcs_emulator.MISSING_REASON)
   server = gcs_emulator.GcsEmulator(bucket='bkt').start()
   saved = {k: os.environ.get(k) for k in server.env()}
-  os.environ.update(server.env())  # Before the fork server starts: its children inherit it.
+  os.environ.update(server.env())  # For this process's own clients (gcs.objects, ...).
   yield server
   server.stop()
   for key, value in saved.items():
@@ -45,7 +45,7 @@ def gcs():
 @pytest.fixture(scope='module')
 def lab(gcs, tmp_path_factory, compile_cache):
   base = tmp_path_factory.mktemp('gcs_runs')
-  runner = cu.Runner(base / 'logs')
+  runner = cu.Runner(base / 'logs', env=gcs.env())  # The fork server may predate the emulator.
   args = lambda **kw: cu.config_args(compile_cache, num_epochs=2, write_report=True,
                                      write_tensorboard=True, **kw)
   local = runner.run(base / 'local', args(), state_file=base / 'local_state.json')
