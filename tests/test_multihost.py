@@ -22,7 +22,7 @@ OVERRIDES = {'model.hidden_sizes': '(16,)', 'batch_size': 16, 'eval_batch_size':
              'num_epochs': 6, 'steps_per_call': 1, 'input_mode': 'device',
              'write_report': False, 'write_tensorboard': False, 'download': False}
 STEPS_PER_EPOCH = 25
-TIMEOUT_S = 240
+TIMEOUT_S = 600  # Only a hang takes this long (a busy 2-core host: minutes).
 
 
 def start_pair(root, name, workdir):
@@ -111,7 +111,10 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(pairs):
   assert STEPS_PER_EPOCH <= step < 6 * STEPS_PER_EPOCH
   assert lines[0][0].startswith('error: SIGTERM: saved the checkpoint at step')
   for child in run['children']:
-    assert 'Traceback' not in child.log and 'Gloo' not in child.log, child.describe()
+    # Gloo's one info line at start-up ('[Gloo] Rank 0 is connected to 1 peer ranks') is fine;
+    # any other Gloo line is the collective failing as a process leaves.
+    gloo = [l for l in child.log.splitlines() if 'Gloo' in l and 'is connected to' not in l]
+    assert 'Traceback' not in child.log and not gloo, child.describe()
 
 
 def test_rerunning_both_ends_as_the_uninterrupted_pair(pairs):

@@ -164,7 +164,7 @@ def test_a_diverging_replica_stops_alone(tmp_path, mlp_config, capsys):
 def test_sweep_outputs(tmp_path, mlp_config, capsys):
   config = tiny(mlp_config, **{'sweep.learning_rate': (1e-3, 3e-3)}, num_seeds=2)
   config.write_tensorboard = config.write_report = True
-  summary = run(config, tmp_path)
+  run(config, tmp_path)
   out = capsys.readouterr().out
   assert 'best' in out.splitlines()[-2] and '(mean ± std of 4 replicas)' in out
   assert out.splitlines()[-1].startswith('done: best test accuracy')
