@@ -3,6 +3,7 @@ r"""Where a train step's time goes: per XLA op and per layer, from a jax.profile
   python benchmarks/profile_cnn.py                                  # configs/cnn.py, as trained
   python benchmarks/profile_cnn.py --layers=flax                    # with nn.Conv / nn.max_pool
   python benchmarks/profile_cnn.py --steps_per_call=10 --scan_unroll=1 --top=40
+  python benchmarks/profile_cnn.py --compare=flax,pool,ours --rounds=7   # A/B: each change's gain
 
 Runs the config's model and optimizer through the loop's own jitted chunk
 (`steps.train_chunk_resident`) on random resident data (op times do not depend on the values),
@@ -10,6 +11,10 @@ traces a few calls and sums each XLA op's time over the threads that ran it. Pri
 with what they compute (fusion root, shape, the JAX operation and model layer they came from),
 then the time per layer, forward and backward. Times are per train step. On a busy machine
 the absolute figures move from run to run; the shares are what to read.
+
+With --compare, no profile: the listed layer sets are compiled side by side and timed in
+interleaved rounds (each round times one call of each, in turn), so that a host whose speed
+drifts slows them alike; it prints the median ms/step of each and its ratio to the first.
 """
 
 import collections
@@ -38,9 +43,16 @@ from mnist_jax import steps
 from mnist_jax.models import layers
 
 flags.DEFINE_string('config', str(REPO / 'configs' / 'cnn.py'), 'Config file to profile.')
-flags.DEFINE_enum('layers', 'ours', ['ours', 'flax'],
-                  "'flax': models/layers.py's Conv and max_pool replaced by nn.Conv and "
-                  'nn.max_pool (the code before they existed).')
+# Which Conv and max_pool the models get: Flax's (the code before models/layers.py had its own),
+# ours for pooling only (the first change), or ours for both.
+LAYER_SETS = {'flax': (nn.Conv, nn.max_pool), 'pool': (nn.Conv, layers.max_pool),
+              'ours': (layers.Conv, layers.max_pool)}
+flags.DEFINE_enum('layers', 'ours', list(LAYER_SETS),
+                  "'flax': nn.Conv and nn.max_pool; 'pool': nn.Conv and layers.max_pool; "
+                  "'ours': layers.Conv and layers.max_pool (what the models use).")
+flags.DEFINE_list('compare', [], 'Layer sets to time side by side instead of profiling, e.g. '
+                  'flax,pool,ours.')
+flags.DEFINE_integer('rounds', 7, 'Interleaved timing rounds for --compare.')
 flags.DEFINE_integer('steps_per_call', -1, 'Steps per jitted call (-1: the config\'s; 0: 50).')
 flags.DEFINE_integer('scan_unroll', -1, "lax.scan's unroll (-1: the config's).")
 flags.DEFINE_integer('calls', 3, 'Calls traced (after one untraced warm-up call).')
@@ -149,20 +161,54 @@ def profile(fn, args, calls: int) -> tuple[float, collections.Counter]:
   return statistics.median(walls), totals
 
 
+def compile_with(layer_set: str, config, k: int, unroll: int):
+  """The loop's chunk function, compiled with `layer_set`'s layers; its inputs; compile seconds."""
+  layers.Conv, layers.max_pool = LAYER_SETS[layer_set]
+  try:
+    state, data, chunk = setup(config, k)
+    start = time.perf_counter()
+    compiled = steps.train_chunk_resident.lower(
+        state, data, chunk, unroll=unroll, guard_empty_steps=False).compile()
+    return compiled, (state, data, chunk), time.perf_counter() - start
+  finally:
+    layers.Conv, layers.max_pool = LAYER_SETS['ours']
+
+
+def compare(names: list[str], config, k: int, unroll: int, rounds: int) -> None:
+  """Median ms/step of each layer set, timed in interleaved rounds."""
+  runs = {}
+  for name in names:
+    compiled, args, compile_s = compile_with(name, config, k, unroll)
+    out = compiled(*args)  # Warm-up; the state is donated, so each call takes the last one's.
+    jax.block_until_ready(out)
+    runs[name] = dict(fn=compiled, args=(out[0], *args[1:]), compile_s=compile_s, times=[])
+  for _ in range(rounds):
+    for run in runs.values():
+      start = time.perf_counter()
+      out = run['fn'](*run['args'])
+      jax.block_until_ready(out)
+      run['times'].append((time.perf_counter() - start) / k)
+      run['args'] = (out[0], *run['args'][1:])
+  first = statistics.median(runs[names[0]]['times'])
+  print(f'{FLAGS.config}, {k} steps per call, unroll {unroll}, on {jax.default_backend()}; '
+        f'{rounds} interleaved rounds')
+  print(f'{"layers":8s} {"ms/step":>8s} {"(min-max)":>15s} {"vs " + names[0]:>9s} {"compile":>8s}')
+  for name, run in runs.items():
+    t = run['times']
+    print(f'{name:8s} {statistics.median(t) * 1e3:8.1f} {min(t) * 1e3:7.1f}-{max(t) * 1e3:<7.1f} '
+          f'{statistics.median(t) / first:8.2f}x {run["compile_s"]:7.1f}s')
+
+
 def main(argv):
   del argv
   config = load_config(FLAGS.config)
-  if FLAGS.layers == 'flax':
-    layers.Conv, layers.max_pool = nn.Conv, nn.max_pool
   k = FLAGS.steps_per_call if FLAGS.steps_per_call >= 0 else config.steps_per_call
   k = k or 50
   unroll = FLAGS.scan_unroll if FLAGS.scan_unroll > 0 else config.scan_unroll
-  state, data, chunk = setup(config, k)
-  fn = steps.train_chunk_resident
-  static = dict(unroll=unroll, guard_empty_steps=False)
-  start = time.perf_counter()
-  compiled = fn.lower(state, data, chunk, **static).compile()
-  compile_s = time.perf_counter() - start
+  if FLAGS.compare:
+    compare(FLAGS.compare, config, k, unroll, FLAGS.rounds)
+    return
+  compiled, (state, data, chunk), compile_s = compile_with(FLAGS.layers, config, k, unroll)
   described = describe_ops(compiled.as_text())
   wall, totals = profile(compiled, (state, data, chunk), FLAGS.calls)
   total = sum(totals.values())

@@ -4,6 +4,7 @@ r"""How fast does the notebook's job train here? Prints a readable table and one
   python benchmarks/train_speed.py --quick              # fewer repeats, no scaling sweep
   python benchmarks/train_speed.py --json_out=/tmp/speed.json
   python benchmarks/train_speed.py --config=configs/cnn.py --quick   # the CNN next to PyTorch's
+  python benchmarks/train_speed.py --quick --sweeps     # and what a sweep in one program costs
 
 Measured, for each input mode: compile time, steady-state seconds per epoch (median of the
 epochs after the first), examples/s, achieved GFLOP/s and its fraction of this machine's f32
@@ -14,7 +15,10 @@ never use the persistent compilation cache), the floor for that time (5 epochs o
 `python run.py --config=...` twice in a fresh cache (cold: decodes the data and compiles; warm:
 reuses both): wall time, peak memory (max RSS) and the compile overhead of its first epoch. Then
 how the cost grows: seconds per epoch at batch 128/512/2048 and hidden width 512/2048, and for
-N = 1, 4, 16 seeds trained at once (`num_seeds`, per replica vs N separate runs).
+N = 1, 4, 16 seeds trained at once (`num_seeds`, per replica vs N separate runs). With
+`--sweeps` (on by default without `--quick`): a learning-rate sweep of 1, 4, 16 and 64 values in
+one program, per-replica s/epoch against a single run's, and the 3-rate sweep in one process
+against three separate processes, wall time (benchmarks/sweep_speed.py, which also runs alone).
 
 The references are the same job in other frameworks, each run as its own process: for the MLP
 (configs/mlp.py) the Keras notebook and its PyTorch version, for the CNN (configs/cnn.py) the
@@ -39,6 +43,7 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'benchmarks'))  # sweep_speed
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -55,6 +60,9 @@ flags.DEFINE_list('modes', ['device', 'tfdata'], 'Input modes to measure.')
 flags.DEFINE_bool('quick', False, 'Fewer repeats; skip the scaling sweep.')
 flags.DEFINE_bool('whole_process', True,
                   'Also time `python run.py` end to end (twice per input mode).')
+flags.DEFINE_bool('sweeps', None, 'Also measure sweeps in one program (benchmarks/'
+                  'sweep_speed.py); default: on without --quick, off with it.')
+flags.DEFINE_list('sweep_replicas', ['1', '4', '16', '64'], 'Sweep sizes for --sweeps.')
 flags.DEFINE_string('json_out', '', 'Also write the JSON object to this file.')
 flags.DEFINE_bool('references', True, 'Also time the Keras notebook and the PyTorch version '
                   '(benchmarks/reference_*.py) on the same machine, where importable.')
@@ -327,6 +335,10 @@ def print_table(result: dict) -> None:
     for r in result['scaling']:
       print(f"  batch {r['batch_size']:5d}  hidden {r['hidden_width']:5d}  "
             f"{r['s_per_epoch']:.3f}s")
+  if result.get('sweeps'):
+    import sweep_speed  # pylint: disable=g-import-not-at-top
+    print()
+    sweep_speed.print_table(result['sweeps'])
 
 
 def main(argv):
@@ -346,6 +358,11 @@ def main(argv):
   if not FLAGS.quick:
     result['seeds'] = seeds_scaling(FLAGS.config)
     result['scaling'] = scaling(FLAGS.config)
+  if FLAGS.sweeps if FLAGS.sweeps is not None else not FLAGS.quick:
+    import sweep_speed  # pylint: disable=g-import-not-at-top
+    result['sweeps'] = dict(
+        replicas=sweep_speed.replica_scaling(FLAGS.config, map(int, FLAGS.sweep_replicas)),
+        wall=sweep_speed.wall_against_processes(FLAGS.config))
   print_table(result)
   print(json.dumps(result))
   if FLAGS.json_out:
