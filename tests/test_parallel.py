@@ -318,9 +318,12 @@ def test_only_process_0_writes_logs(two_processes):
   events = [n for n in names if n.startswith('events.out.tfevents.')]
   assert len(events) == 1, names  # A second writer would add its own event file.
   report = ['report.md', 'report.png'] if two_processes['report'] else []
+  # '.lock': process 0's, held for both (the file stays; the kernel drops the flock).
   assert sorted(set(names) - set(events)) == sorted([
-      'checkpoints', 'config.json', 'metrics.jsonl', 'summary.json', *report
+      '.lock', 'checkpoints', 'config.json', 'metrics.jsonl', 'summary.json', *report
   ]), names  # Also: no temporary file left behind by a second writer.
+  holder = json.loads((workdir / '.lock').read_text())
+  assert holder['pid'] == two_processes['children'][0].process.pid, holder  # Process 0.
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['epoch'] for r in records] == list(range(1, NUM_EPOCHS + 1))  # Written once.
   assert [r['step'] for r in records] == [STEPS_PER_EPOCH * e for e in range(1, NUM_EPOCHS + 1)]
