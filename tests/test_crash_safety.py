@@ -29,6 +29,8 @@ from mnist_jax import checkpoint
 from mnist_jax import errors
 from mnist_jax import validation
 
+pytestmark = pytest.mark.slow  # run.py children killed and restarted: minutes.
+
 PARALLEL = 2  # Runs at once (the machine has 2 cores; most of a run is one busy thread).
 
 

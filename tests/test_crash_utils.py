@@ -10,6 +10,8 @@ import pytest
 
 import crash_utils as cu
 
+pytestmark = pytest.mark.slow  # run.py children.
+
 
 @pytest.fixture(scope='module')
 def runner(tmp_path_factory):

@@ -30,6 +30,8 @@ from mnist_jax import train
 from mnist_jax import workdir as workdir_lib
 from mnist_jax import writers
 
+pytestmark = pytest.mark.slow  # run.py children: minutes.
+
 PARALLEL = 2
 
 
