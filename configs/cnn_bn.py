@@ -14,7 +14,14 @@ input pipeline and run.py are the MLP's.
 Run:
   python run.py --config=configs/cnn_bn.py
 
-Expected: see the README (measured per seed there).
+Expected: test accuracy about 0.995. Measured, seeds 0-2 (`--config.seed=N`): 0.9956, 0.9948,
+0.9955, mean 0.9953 (the plain CNN of configs/cnn.py: 0.9905), 18-37 minutes a seed on a
+shared 2-core CPU.
+
+Why 15 epochs: augmentation and label smoothing make each epoch a harder task than the plain
+CNN's, and the cosine schedule only anneals at its end. With 15, every seed passed 0.994 by
+epoch 7 and gained 0.0004-0.0008 more over the annealed last epochs (seed 0, test accuracy per
+epoch: 0.9836, 0.9923, 0.9899, 0.9941, 0.9931, 0.9942, 0.9950, ... 0.9956).
 """
 
 import ml_collections
