@@ -8,13 +8,6 @@ as a safety net for anything that forgets.
 import os
 
 os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'  # Before anything imports TensorFlow.
-# The suite's programs are tiny and mostly run a few steps: LLVM's optimizations cost more
-# compile time than they save (test_model_state.py: 204 s -> 128 s). Set before JAX starts, in
-# the environment, so that every child process (run.py, the fork servers, the multi-process
-# drivers) compiles the same way and results still compare bit for bit. Runs outside the suite
-# (run.py, the benchmarks) keep XLA's default.
-os.environ['XLA_FLAGS'] = ' '.join(
-    [*os.environ.get('XLA_FLAGS', '').split(), '--xla_backend_optimization_level=0'])
 
 import importlib.util
 import pathlib
