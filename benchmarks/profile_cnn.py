@@ -6,7 +6,7 @@ r"""Where a train step's time goes: per XLA op and per layer, from a jax.profile
   python benchmarks/profile_cnn.py --compare=flax,pool,ours --rounds=7   # A/B: each change's gain
 
 Runs the config's model and optimizer through the loop's own jitted chunk
-(`steps.train_chunk_resident`) on random resident data (op times do not depend on the values),
+(`steps.chunk_fns(resident=True, ...).train`) on random resident data (op times do not depend on the values),
 traces a few calls and sums each XLA op's time over the threads that ran it. Prints the top ops
 with what they compute (fusion root, shape, the JAX operation and model layer they came from),
 then the time per layer, forward and backward. Times are per train step. On a busy machine
@@ -166,9 +166,10 @@ def compile_with(layer_set: str, config, k: int, unroll: int):
   layers.Conv, layers.max_pool = LAYER_SETS[layer_set]
   try:
     state, data, chunk = setup(config, k)
+    task = steps.Task.from_config(config, models.build(config.model, 10))
     start = time.perf_counter()
-    compiled = steps.train_chunk_resident.lower(
-        state, data, chunk, unroll=unroll, guard_empty_steps=False).compile()
+    compiled = steps.chunk_fns(resident=True, replicas=False).train.lower(
+        state, data, chunk, task=task, unroll=unroll, guard_empty_steps=False).compile()
     return compiled, (state, data, chunk), time.perf_counter() - start
   finally:
     layers.Conv, layers.max_pool = LAYER_SETS['ours']
