@@ -142,12 +142,7 @@ def load_config(path: str, **overrides):
   config.cache_dir = os.environ.get('MNIST_JAX_CACHE', '')
   config.write_report = False
   config.write_tensorboard = False
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # Dotted names: 'sweep.learning_rate'.
   return config
 
 

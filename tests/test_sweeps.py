@@ -29,12 +29,7 @@ def tiny(config, **fields):
   config.model.hidden_sizes = (8,)
   config.batch_size, config.eval_batch_size, config.num_epochs = 8, 12, 2
   config.write_tensorboard = config.write_report = False
-  for name, value in fields.items():
-    node = config
-    *parents, leaf = name.split('.')
-    for key in parents:
-      node = node[key]
-    node[leaf] = value
+  config.update_from_flattened_dict(fields)  # Dotted names: 'sweep.learning_rate'.
   return config
 
 
