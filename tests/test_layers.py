@@ -173,3 +173,42 @@ def test_conv_few_channels_forward_is_not_a_convolution(monkeypatch):
     conv = layers.Conv(4, (3, 3))
     variables = conv.init(jax.random.PRNGKey(0), x)
     assert ('conv_general_dilated' in primitives(conv.apply, variables, x)) == expect_conv
+
+
+# --- The XLA:CPU flag -------------------------------------------------------------------------
+
+_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
+
+
+def test_cpu_flags_are_added_to_the_users_flags():
+  environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  assert layers.use_cpu_xla_flags(environ) == [_FLAG]
+  assert environ['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {_FLAG}'
+  assert layers.use_cpu_xla_flags(environ) == []  # Once only.
+  assert environ['XLA_FLAGS'].split().count(_FLAG) == 1
+  empty = {}
+  assert layers.use_cpu_xla_flags(empty) == [_FLAG] and empty['XLA_FLAGS'] == _FLAG
+
+
+def test_a_flag_the_user_set_is_kept():
+  mine = '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT'
+  environ = {'XLA_FLAGS': mine}
+  assert layers.use_cpu_xla_flags(environ) == []
+  assert environ == {'XLA_FLAGS': mine}
+
+
+@pytest.mark.parametrize('version', ['0.8.3', '0.7.2'])
+def test_a_jaxlib_without_the_flag_gets_none(monkeypatch, version):
+  monkeypatch.setattr(layers.importlib.metadata, 'version', lambda name: version)
+  environ = {}
+  assert layers.use_cpu_xla_flags(environ) == [] and environ == {}
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU flag')
+def test_convolutions_compile_to_xla_s_own_on_cpu():
+  """conftest set the flag as run.py does: no convolution is left to YNNPACK; dots still are."""
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  compiled = conv.lower(random((8, 14, 14, 32)), random((3, 3, 32, 64))).compile().as_text()
+  assert 'convolution(' in compiled
+  assert 'ynn' not in compiled.lower()
