@@ -206,7 +206,7 @@ def test_a_jaxlib_without_the_flag_gets_none(monkeypatch, version):
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU flag')
 def test_convolutions_compile_to_xla_s_own_on_cpu():
-  """conftest set the flag as run.py does: no convolution is left to YNNPACK; dots still are."""
+  """conftest set the flag as run.py does: no convolution is left to YNNPACK."""
   conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
   compiled = conv.lower(random((8, 14, 14, 32)), random((3, 3, 32, 64))).compile().as_text()
