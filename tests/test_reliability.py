@@ -113,17 +113,17 @@ def _disk_fills(lab):
                              state_file=lab.base / 'disk' / 'state.json',
                              faults=[Fault('saved', 3, 'WAIT', release=str(release))])
     cu.wait_until_waiting(release, child)
-    with open(mount / 'filler', 'wb') as f:  # Until the disk is full.
-      try:
+    try:  # Until the disk is full (it can be full already: then even the open fails).
+      with open(mount / 'filler', 'wb') as f:
         while True:
           f.write(b'\0' * 65536)
-      except OSError as e:
-        assert e.errno == errno.ENOSPC
+    except OSError as e:
+      assert e.errno == errno.ENOSPC
     release.write_text('')
     full = child.wait()
     steps_left = cu.step_folders(workdir)
     jsonl = (workdir / 'metrics.jsonl').read_text()
-    (mount / 'filler').unlink()
+    (mount / 'filler').unlink(missing_ok=True)
     rerun = lab.run('disk', workdir=workdir)
     return dict(full=full, steps_left=steps_left, jsonl=jsonl, rerun=rerun, workdir=workdir,
                 fingerprint=fingerprint(rerun) if rerun['result'].returncode == 0 else None)
