@@ -33,6 +33,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--idx_dir', default=str(pathlib.Path(__file__).resolve().parents[2]
                                                / 'shared' / 'data' / 'mnist_idx'))
   parser.add_argument('--seed', type=int, default=0)
+  # The PyTorch references train on this device ('cuda' on a GPU; benchmarks/train_speed.py
+  # passes the device JAX uses). Keras picks its own device.
+  parser.add_argument('--device', default='cpu')
   return parser.parse_args()
 
 

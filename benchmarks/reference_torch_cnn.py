@@ -8,7 +8,8 @@ MaxPool(2) -> Dense(128) -> ReLU -> Dense(10); glorot-uniform kernels and zero b
 cosine_decay_schedule); batch 128, shuffled each epoch, the last batch holding 96 examples.
 Prints one JSON line in reference_torch.py's shape (training seconds, test accuracy,
 whole-process seconds, peak RSS) plus the seconds of each epoch and their steady-state median
-(epochs 2-5), comparable with benchmarks/train_speed.py's steady s/epoch.
+(epochs 2-5), comparable with benchmarks/train_speed.py's steady s/epoch. `--device=cuda` trains
+on the GPU, with the data on it.
 """
 
 import json
@@ -41,14 +42,15 @@ def main():
   args = parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(args.seed)
+  device = torch.device(args.device)
   d = pathlib.Path(args.idx_dir)
-  load = lambda name: torch.from_numpy(read_idx(d / name).copy())
+  load = lambda name: torch.from_numpy(read_idx(d / name).copy()).to(device)
   x_train = load('train-images-idx3-ubyte.gz').reshape(60000, 1, 28, 28).float() / 255
   x_test = load('t10k-images-idx3-ubyte.gz').reshape(10000, 1, 28, 28).float() / 255
   y_train = load('train-labels-idx1-ubyte.gz').long()
   y_test = load('t10k-labels-idx1-ubyte.gz').long()
 
-  model = build_model(torch)
+  model = build_model(torch).to(device)
   steps_per_epoch = -(-60000 // BATCH)
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
   schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS * steps_per_epoch)
@@ -56,13 +58,15 @@ def main():
   epoch_seconds = []
   for _ in range(EPOCHS):
     start = time.perf_counter()
-    order = torch.randperm(60000)
+    order = torch.randperm(60000, device=device)
     for i in range(0, 60000, BATCH):
       idx = order[i:i + BATCH]
       optimizer.zero_grad()
       loss_fn(model(x_train[idx]), y_train[idx]).backward()
       optimizer.step()
       schedule.step()
+    if device.type == 'cuda':
+      torch.cuda.synchronize()
     epoch_seconds.append(time.perf_counter() - start)
   model.eval()
   with torch.no_grad():
@@ -73,7 +77,7 @@ def main():
                         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                         epoch_seconds=epoch_seconds,
                         steady_s_per_epoch=statistics.median(epoch_seconds[1:]),
-                        threads=torch.get_num_threads())))
+                        threads=torch.get_num_threads(), device=str(device))))
 
 
 if __name__ == '__main__':

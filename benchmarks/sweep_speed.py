@@ -77,6 +77,7 @@ def main():
     if arg.startswith('--counts='):
       counts = tuple(int(x) for x in arg.split('=', 1)[1].split(','))
   config = str(REPO / 'configs' / 'mlp.py')
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # As train_speed.py.
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_enable_compilation_cache', False)
   result = dict(replicas=replica_scaling(config, counts), wall=wall_against_processes(config))

@@ -41,6 +41,9 @@ import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# On a GPU, JAX takes 75% of its memory up front; the processes this benchmark starts (run.py,
+# the PyTorch references) then find too little. This process allocates as it goes instead.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'benchmarks'))  # sweep_speed
@@ -73,6 +76,9 @@ flags.DEFINE_string('torch_python', sys.executable, 'A Python that can import to
 flags.DEFINE_string('idx_dir', '', "The MNIST IDX files for the references ('': their default, "
                     '../shared/data/mnist_idx next to the checkout).')
 FLAGS = flags.FLAGS
+# sweep_speed.py does `import train_speed`: run as a script, this module is `__main__`, and a
+# second copy would define the flags above again.
+sys.modules.setdefault('train_speed', sys.modules[__name__])
 
 
 def machine() -> dict:
@@ -235,6 +241,8 @@ def references(model_name: str) -> list[dict]:
     python = FLAGS.torch_python if 'torch' in script else sys.executable
     out = pathlib.Path(tempfile.mkdtemp()) / 'out.json'
     idx = f' --idx_dir="{FLAGS.idx_dir}"' if FLAGS.idx_dir else ''
+    # PyTorch trains where JAX does: on the GPU when JAX's backend is one.
+    idx += ' --device=cuda' if 'torch' in script and jax.default_backend() == 'gpu' else ''
     command = ['sh', '-c', f'exec "{python}" "{REPO / "benchmarks" / script}"{idx} > "{out}"']
     try:
       wall, rss_kb = timed_process(command, dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
