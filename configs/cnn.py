@@ -9,7 +9,7 @@ Run:
 Expected: test accuracy >= 0.990 after 5 epochs. Measured here (2026-11-26, with XLA's own
 convolutions on CPU: models/layers.py), seeds 0-4: 0.9901, 0.9912, 0.9902, 0.9906, 0.9903
 (mean 0.9905), 3.5-4.5 minutes of training per seed on a 2-core AVX2 CPU (README, Speed: the
-epoch against PyTorch's).
+epoch against PyTorch's). On one H100 GPU: 0.9906 (seed 0), 5 epochs in 3.8 s with compilation.
 """
 
 import ml_collections
@@ -44,5 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   # there), so unroll=1 would trade a few % of steady state for compile time.
   config.steps_per_call = 10
   config.scan_unroll = 10
+  # On a GPU unrolling only lengthens the compile: on an H100, 9.6 s unrolled against 0.9 s for
+  # one plain loop an epoch, both 0.137 s an epoch (README, Speed). Not measured on a TPU.
+  config.backend_overrides = ml_collections.ConfigDict(
+      dict(gpu=dict(steps_per_call=0, scan_unroll=1)))
 
   return config

@@ -133,10 +133,11 @@ def _source_fields(source: str) -> dict[str, _Source]:
 def _leaves(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
   leaves = {}
   for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, ml_collections.ConfigDict) and value:  # An empty one is a leaf.
       leaves.update(_leaves(value, f'{prefix}{key}.'))
     else:
-      leaves[f'{prefix}{key}'] = value
+      leaves[f'{prefix}{key}'] = (value.to_dict() if isinstance(value, ml_collections.ConfigDict)
+                                  else value)
   return leaves
 
 

@@ -102,14 +102,15 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   task = steps.Task.from_config(config, model)
   mode_name = input_modes.resolve(config.input_mode, splits)
   replicas = sweeps.replicas(config)
+  execution = for_backend(config)
   mode = input_modes.create(
       mode_name, splits, train_split=config.train_split, eval_split=config.eval_split,
       seeds=[r.seed for r in replicas], batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size,
-      steps_per_call=min(config.steps_per_call or _default_steps_per_call(),
+      steps_per_call=min(execution['steps_per_call'] or _default_steps_per_call(),
                          config.checkpoint_every_steps or 1 << 30,
                          PROFILE_STEPS_PER_CALL if config.profile else 1 << 30),
-      scan_unroll=config.scan_unroll, task=task)
+      scan_unroll=execution['scan_unroll'], task=task)
   tx = optim.create_optimizer(config, mode.steps_per_epoch * config.num_epochs,
                               swept=tuple(sweeps.swept(config)))
   init = functools.partial(_init_replica, model=model, tx=tx, image_shape=info.image_shape)
@@ -128,6 +129,14 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                run_identity(config, mode), replicas)
 
 
+def for_backend(config: ml_collections.ConfigDict, backend: str | None = None) -> dict:
+  """steps_per_call and scan_unroll on `backend` (default: JAX's): the config's, or
+  config.backend_overrides.<backend>'s where that sets them (configs/cnn.py unrolls its steps on
+  XLA:CPU, where that makes convolutions fast, and not on a GPU, where it only slows compiling)."""
+  overrides = config.get('backend_overrides', {}).get(backend or jax.default_backend(), {})
+  return {name: overrides.get(name, config[name]) for name in validation.BACKEND_FIELDS}
+
+
 def _init_replica(rng, hparams, *, model, tx, image_shape) -> steps.TrainState:
   return sweeps.assign(steps.create_train_state(rng, model, tx, image_shape), hparams)
 
@@ -138,7 +147,7 @@ def _init_replica(rng, hparams, *, model, tx, image_shape) -> steps.TrainState:
 RESUMABLE_FIELDS = ('num_epochs', 'eval_split', 'eval_batch_size', 'data_dir', 'download',
                     'cache_dir', 'input_mode', 'steps_per_call', 'scan_unroll',
                     'checkpoint_every_steps', 'checkpoint_keep', 'checkpoint_async',
-                    'write_tensorboard', 'write_report', 'profile')
+                    'write_tensorboard', 'write_report', 'profile', 'backend_overrides')
 
 
 def run_identity(config: ml_collections.ConfigDict, mode: input_modes.InputMode) -> dict:
@@ -146,9 +155,11 @@ def run_identity(config: ml_collections.ConfigDict, mode: input_modes.InputMode)
   number of training examples and steps per epoch."""
   def flatten(tree, prefix=''):
     for key, value in tree.items():
+      if key in RESUMABLE_FIELDS and not prefix:
+        continue
       if isinstance(value, dict):
         yield from flatten(value, f'{prefix}{key}.')
-      elif key not in RESUMABLE_FIELDS or prefix:
+      else:
         yield f'{prefix}{key}', value
 
   identity = dict(flatten(config.to_dict()), train_examples=len(mode.train),

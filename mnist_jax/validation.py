@@ -84,6 +84,10 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
      'an integer >= 0 (0: no warmup)'),
 ]
 
+# What config.backend_overrides.<backend> may set: how the steps run, never what they compute.
+BACKENDS = ('cpu', 'gpu', 'tpu')
+BACKEND_FIELDS = ('steps_per_call', 'scan_unroll')
+
 # Set elsewhere in the config (optim.py passes them to the optimizer itself).
 _OPTIMIZER_ARGS_FROM_CONFIG = {'learning_rate': 'learning_rate and lr_schedule',
                                'weight_decay': 'weight_decay', 'mask': 'weight_decay'}
@@ -111,6 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_kwargs(losses.get(config.loss), dict(config.loss_kwargs), 'loss_kwargs',
                 f'losses.{config.loss}', skip=2)
   _check_sweep(config)
+  _check_backend_overrides(config)
   try:
     augment.check(config.augment)
   except ValueError as e:
@@ -176,3 +181,19 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
           raise errors.ConfigError(
               f'{field}={tuple(values)!r} is invalid: expected each value to be {expected}, '
               f'and {value!r} is not.')
+
+
+def _check_backend_overrides(config: ml_collections.ConfigDict) -> None:
+  """Each entry names a backend, and sets only fields of BACKEND_FIELDS to values they take."""
+  for backend, fields in config.get('backend_overrides', {}).items():
+    if backend not in BACKENDS:
+      raise errors.ConfigError(f'config.backend_overrides.{backend} is invalid: expected a '
+                               f"backend among {', '.join(BACKENDS)}.")
+    for name, value in fields.items():
+      field = f'config.backend_overrides.{backend}.{name}'
+      if name not in BACKEND_FIELDS:
+        raise errors.ConfigError(f"{field} is invalid: a backend may only set "
+                                 f"{', '.join(BACKEND_FIELDS)}.")
+      for rule_path, ok, allowed in _RULES:
+        if rule_path == name and not ok(value):
+          raise errors.ConfigError(f'{field}={value!r} is invalid: expected {allowed}.')

@@ -46,7 +46,7 @@ def get_config():
 def _leaves_of_dict(d):
   out = {}
   for key, value in d.items():
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:  # An empty dict is a field of its own.
       out.update({f'{key}.{k}': v for k, v in _leaves_of_dict(value).items()})
     else:
       out[key] = value
@@ -73,6 +73,8 @@ def test_mlp_every_field_listed_with_its_default():
   assert by_name['model.hidden_sizes'][0] == '(512,)'
   assert by_name['optimizer_kwargs.decay'][0] == '0.9'
   assert by_name['optimizer_kwargs.eps'][0] == '1e-7'
+  assert by_name['backend_overrides'][0] == '{}'  # Empty dicts are listed (and settable).
+  assert by_name['lr_schedule_kwargs'][0] == '{}'
   assert 'TFDS' in by_name['dataset'][1]
   assert 'optax' in by_name['optimizer'][1]
 
