@@ -40,6 +40,7 @@ import numpy as np
 from mnist_jax import models
 from mnist_jax import optim
 from mnist_jax import steps
+from mnist_jax import train
 from mnist_jax.models import layers
 
 layers.use_cpu_xla_flags()  # As run.py: before JAX's backend starts.
@@ -205,9 +206,10 @@ def compare(names: list[str], config, k: int, unroll: int, rounds: int) -> None:
 def main(argv):
   del argv
   config = load_config(FLAGS.config)
-  k = FLAGS.steps_per_call if FLAGS.steps_per_call >= 0 else config.steps_per_call
+  execution = train.for_backend(config)  # What run.py would use on this backend.
+  k = FLAGS.steps_per_call if FLAGS.steps_per_call >= 0 else execution['steps_per_call']
   k = k or 50
-  unroll = FLAGS.scan_unroll if FLAGS.scan_unroll > 0 else config.scan_unroll
+  unroll = FLAGS.scan_unroll if FLAGS.scan_unroll > 0 else execution['scan_unroll']
   if FLAGS.compare:
     compare(FLAGS.compare, config, k, unroll, FLAGS.rounds)
     return

@@ -42,7 +42,8 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # On a GPU, JAX takes 75% of its memory up front; the processes this benchmark starts (run.py,
-# the PyTorch references) then find too little. This process allocates as it goes instead.
+# the PyTorch references) would then find too little. This process, and the run.py processes
+# it times (they inherit the variable), allocate as they go instead.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -240,10 +241,10 @@ def references(model_name: str) -> list[dict]:
   for script in REFERENCE_SCRIPTS.get(model_name, ()):
     python = FLAGS.torch_python if 'torch' in script else sys.executable
     out = pathlib.Path(tempfile.mkdtemp()) / 'out.json'
-    idx = f' --idx_dir="{FLAGS.idx_dir}"' if FLAGS.idx_dir else ''
-    # PyTorch trains where JAX does: on the GPU when JAX's backend is one.
-    idx += ' --device=cuda' if 'torch' in script and jax.default_backend() == 'gpu' else ''
-    command = ['sh', '-c', f'exec "{python}" "{REPO / "benchmarks" / script}"{idx} > "{out}"']
+    extra = f' --idx_dir="{FLAGS.idx_dir}"' if FLAGS.idx_dir else ''
+    if 'torch' in script and jax.default_backend() == 'gpu':
+      extra += ' --device=cuda'  # PyTorch trains where JAX does.
+    command = ['sh', '-c', f'exec "{python}" "{REPO / "benchmarks" / script}"{extra} > "{out}"']
     try:
       wall, rss_kb = timed_process(command, dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
                                    cwd=REPO / 'benchmarks')

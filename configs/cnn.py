@@ -44,8 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   # there), so unroll=1 would trade a few % of steady state for compile time.
   config.steps_per_call = 10
   config.scan_unroll = 10
-  # On a GPU unrolling only lengthens the compile: on an H100, 9.6 s unrolled against 0.9 s for
-  # one plain loop an epoch, both 0.137 s an epoch (README, Speed). Not measured on a TPU.
+  # On a GPU unrolling only lengthens the compile: on an H100, from a fresh process, 9.2 s
+  # unrolled against 3.1 s for one plain loop an epoch, 0.136 and 0.141 s an epoch (README,
+  # Speed). Not measured on a TPU.
   config.backend_overrides = ml_collections.ConfigDict(
       dict(gpu=dict(steps_per_call=0, scan_unroll=1)))
 

@@ -66,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.steps_per_call = 7
   config.scan_unroll = 7
   # On an H100 one plain loop an epoch compiled in 3.3 s against 18.1 s unrolled, and ran an
-  # epoch in 0.185 s against 0.235 s (README, Speed). Not measured on a TPU.
+  # epoch in 0.185 s against 0.235 s (in one process, after the CNN's runs: README, Speed).
+  # Not measured on a TPU.
   config.backend_overrides = ml_collections.ConfigDict(
       dict(gpu=dict(steps_per_call=0, scan_unroll=1)))
 

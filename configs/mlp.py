@@ -87,8 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.steps_per_call = 0
   # lax.scan's unroll for those calls; XLA:CPU runs convolutions ~10x faster unrolled.
   config.scan_unroll = 1
-  # Per backend ('cpu', 'gpu', 'tpu'): values of steps_per_call and scan_unroll that replace
-  # the two above there, e.g. configs/cnn.py's gpu=dict(steps_per_call=0, scan_unroll=1).
+  # Per backend ('cpu', 'gpu', 'tpu'): values of steps_per_call and scan_unroll that win over
+  # the two above there, e.g. configs/cnn.py's gpu=dict(steps_per_call=0, scan_unroll=1). Set
+  # as a whole: --config.backend_overrides="{'gpu': {'scan_unroll': 4}}", or '{}' for none.
   config.backend_overrides = ml_collections.ConfigDict()
 
   # --- Checkpoints ------------------------------------------------------------------------

@@ -189,6 +189,10 @@ def _check_backend_overrides(config: ml_collections.ConfigDict) -> None:
     if backend not in BACKENDS:
       raise errors.ConfigError(f'config.backend_overrides.{backend} is invalid: expected a '
                                f"backend among {', '.join(BACKENDS)}.")
+    if not isinstance(fields, (dict, ml_collections.ConfigDict)):
+      raise errors.ConfigError(
+          f'config.backend_overrides.{backend}={fields!r} is invalid: expected a dict of '
+          f"{', '.join(BACKEND_FIELDS)}, e.g. {{'scan_unroll': 1}}.")
     for name, value in fields.items():
       field = f'config.backend_overrides.{backend}.{name}'
       if name not in BACKEND_FIELDS:

@@ -3,6 +3,7 @@
 import importlib
 import types
 
+import jax
 import pytest
 import tensorflow_datasets as tfds
 
@@ -38,7 +39,15 @@ def test_setup_runs_the_steps_as_this_backend_is_told(mlp_config):
                                       gpu=dict(steps_per_call=3, scan_unroll=3))
   with tfds.testing.mock_data(num_examples=16):
     run = train.setup(mlp_config)
-  assert run.mode.steps_per_call == 2 and run.mode.unroll == 2  # The tests run on a CPU.
+  expected = dict(cpu=2, gpu=3)[jax.default_backend()]
+  assert run.mode.steps_per_call == expected and run.mode.unroll == expected
+
+
+def test_a_config_without_the_field_runs_as_before(mlp_config):
+  del mlp_config['backend_overrides']  # A config file written before the field existed.
+  mlp_config.update(steps_per_call=4, scan_unroll=2)
+  validation.validate(mlp_config)
+  assert train.for_backend(mlp_config, 'gpu') == dict(steps_per_call=4, scan_unroll=2)
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -50,6 +59,8 @@ def test_setup_runs_the_steps_as_this_backend_is_told(mlp_config):
      r'invalid: expected an integer > 0\.$'),
     (dict(cpu=dict(steps_per_call=-1)), r'^config\.backend_overrides\.cpu\.steps_per_call=-1 is '
      r'invalid: expected an integer >= 0'),
+    (dict(gpu=3), r'^config\.backend_overrides\.gpu=3 is invalid: expected a dict of '
+     r'steps_per_call, scan_unroll'),
 ])
 def test_bad_overrides_are_refused_in_one_line(mlp_config, overrides, message):
   mlp_config.backend_overrides = overrides
