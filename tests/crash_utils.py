@@ -257,19 +257,23 @@ class Child:
         os.kill(self.process.pid, signal.SIGKILL)
     self.process.join(timeout)
     if self.process.exitcode is None:
-      self._dump_stacks()
+      record_before, stacks = self._dump_stacks()
       self.process.kill()
       self.process.join()
+      # The stacks in full: a JAX process has many threads, and a tail of the record could cut
+      # off the header and the frames that say where run.py was.
       raise TimeoutError(f'run.py child did not finish in {timeout}s: {self.spec}\n'
-                         f'{self._logs()}')
+                         f'{self._logs(record_before)}\n--- its threads when it timed out '
+                         f'(faulthandler) ---\n{stacks}')
     if self.process.status_lost:
       raise StatusLost(f'the fork server never sent the exit status of run.py child '
                        f'{self.process.pid}: {self.spec}\n{self._logs()}')
     return Result(self.process.exitcode, _read(self.spec['stdout']), _read(self.spec['stderr']),
                   time.perf_counter() - self._start, _read(self.spec['child_log']))
 
-  def _dump_stacks(self) -> None:
-    """Has the child's faulthandler write every thread's stack into its record (SIGUSR1)."""
+  def _dump_stacks(self) -> tuple[str, str]:
+    """Has the child's faulthandler write every thread's stack into its record (SIGUSR1);
+    returns the record before the dump, and the dump."""
     def size():
       return len(_read(self.spec['child_log']))
 
@@ -283,10 +287,14 @@ class Child:
       if last > before and now == last:
         break
       last = now
-  def _logs(self) -> str:
+    record = _read(self.spec['child_log'])
+    return record[:before], record[before:]
+
+  def _logs(self, record: str | None = None) -> str:
+    record = _read(self.spec['child_log']) if record is None else record
     return (f'--- stdout ---\n{_read(self.spec["stdout"])[-3000:]}\n--- stderr ---\n'
             f'{_read(self.spec["stderr"])[-3000:]}\n--- the child\'s own record ---\n'
-            f'{_read(self.spec["child_log"])[-5000:]}')
+            f'{record[-5000:]}')
 
 
 def _read(path) -> str:
