@@ -101,7 +101,9 @@ def test_a_timed_out_childs_stacks_come_whole(tmp_path):
   a deep main thread (JAX compiling) lost its header and run.py's frames."""
   import multiprocessing  # pylint: disable=g-import-not-at-top
   spec = {k: str(tmp_path / k) for k in ('stdout', 'stderr', 'child_log')}
-  process = multiprocessing.get_context('fork').Process(
+  # The fork server, as the harness's own children: a plain fork of this (JAX, threaded) process
+  # draws JAX's fork warning.
+  process = multiprocessing.get_context('forkserver').Process(
       target=_deep_then_wait, args=(spec['child_log'], 80), daemon=True)  # faulthandler: <= 100.
   process.start()
   for _ in range(100):  # Until the child has registered its handler.
