@@ -93,6 +93,11 @@ _OPTIMIZER_ARGS_FROM_CONFIG = {'learning_rate': 'learning_rate and lr_schedule',
                                'weight_decay': 'weight_decay', 'mask': 'weight_decay'}
 
 
+def _rules_for(path: str) -> list[tuple[Callable[[Any], bool], str]]:
+  """The (check, what is allowed) pairs of _RULES for one field path."""
+  return [(ok, allowed) for rule_path, ok, allowed in _RULES if rule_path == path]
+
+
 def _lookup(config: ml_collections.ConfigDict, path: str):
   node = config
   for key in path.split('.'):
@@ -171,8 +176,7 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
     if not values:
       raise errors.ConfigError(f'{field}=() is invalid: expected a non-empty tuple of values, '
                                f"e.g. --config.sweep.{name}='(0.1,0.2)'.")
-    path = sweeps.CONFIG_FIELDS.get(name, f'optimizer_kwargs.{name}')
-    rules = [(ok, allowed) for rule_path, ok, allowed in _RULES if rule_path == path]
+    rules = _rules_for(sweeps.CONFIG_FIELDS.get(name, f'optimizer_kwargs.{name}'))
     if name == 'grad_clip_norm':  # Swept, the clipping is on: a norm of 0 would zero it all.
       rules = [(_is_positive_number, 'a finite number > 0')]
     for value in values:
@@ -198,6 +202,6 @@ def _check_backend_overrides(config: ml_collections.ConfigDict) -> None:
       if name not in BACKEND_FIELDS:
         raise errors.ConfigError(f"{field} is invalid: a backend may only set "
                                  f"{', '.join(BACKEND_FIELDS)}.")
-      for rule_path, ok, allowed in _RULES:
-        if rule_path == name and not ok(value):
+      for ok, allowed in _rules_for(name):
+        if not ok(value):
           raise errors.ConfigError(f'{field}={value!r} is invalid: expected {allowed}.')
