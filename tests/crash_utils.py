@@ -331,6 +331,7 @@ def _child_main(spec: dict) -> None:
   os.chdir(REPO_ROOT)
   argv = ['run.py', *spec['args']] + ([f'--workdir={spec["workdir"]}'] if spec['workdir'] else [])
   sys.argv = argv
+  code = 0
   try:
     with tfds.testing.mock_data(num_examples=spec['num_examples']):
       runpy.run_path(spec['script'], run_name='__main__')
@@ -338,14 +339,23 @@ def _child_main(spec: dict) -> None:
   except SystemExit as e:
     log.write(f'run.py ended: SystemExit({e.code!r}), raised at:\n'
               + ''.join(traceback.format_tb(e.__traceback__)[-3:]))
-    raise
-  except BaseException as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if not isinstance(e.code, (int, type(None))):
+      print(e.code, file=sys.stderr)  # As the interpreter reports sys.exit('text').
+  except BaseException as e:  # pylint: disable=broad-except
     log.write(f'run.py ended: {type(e).__name__}: {e}\n' + traceback.format_exc())
-    raise
+    traceback.print_exc()  # On stderr, as an uncaught exception is.
+    code = 1
   finally:
     log.write('running the atexit functions\n')
     atexit._run_exitfuncs()  # pylint: disable=protected-access  (a forked child skips them)
     log.write('atexit functions done\n')
+  # Ends as `python run.py` does (run.py's _exit: os._exit, no interpreter teardown). Returning
+  # would join every thread at the fork server child's shutdown, and a failed save can leave an
+  # Orbax thread blocked for good: one run of 10 in a row hung there after its one-line error.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 class _ChildLog:

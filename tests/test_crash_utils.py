@@ -118,3 +118,23 @@ def test_a_timed_out_childs_stacks_come_whole(tmp_path):
   assert '(most recent call first)' in message and 'in _deep_then_wait' in message
   assert len(message.split('(most recent call first)')[1]) > 5000  # Longer than a tail.
   assert process.exitcode == -9
+
+
+_LEAVES_A_THREAD_BLOCKED = """
+import concurrent.futures, sys, threading
+# As Orbax's save thread after a failed write on a full disk: it never finishes.
+concurrent.futures.ThreadPoolExecutor(1).submit(threading.Event().wait)
+print('error: no space left on device (the one line)', file=sys.stderr)
+sys.exit(1)
+"""
+
+
+def test_a_child_ends_as_the_program_does_with_a_thread_left_blocked(runner, tmp_path):
+  """Run 8 of 10 in a row hung for 600 s after run.py's one-line disk-full error: the fork
+  server's child joined a blocked Orbax thread at its shutdown, which `python run.py` (os._exit)
+  never does."""
+  script = tmp_path / 'blocked.py'
+  script.write_text(_LEAVES_A_THREAD_BLOCKED)
+  result = runner.run(tmp_path / 'workdir', [], script=script, timeout=60)
+  assert result.returncode == 1, result.explain()
+  assert result.error_lines() == ['error: no space left on device (the one line)']
