@@ -339,9 +339,10 @@ def _child_main(spec: dict) -> None:
   except SystemExit as e:
     log.write(f'run.py ended: SystemExit({e.code!r}), raised at:\n'
               + ''.join(traceback.format_tb(e.__traceback__)[-3:]))
-    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    if not isinstance(e.code, (int, type(None))):
-      print(e.code, file=sys.stderr)  # As the interpreter reports sys.exit('text').
+    code = 0 if e.code is None else e.code
+    if not isinstance(code, int):  # As the interpreter ends sys.exit('text'): the text, and 1.
+      print(code, file=sys.stderr)
+      code = 1
   except BaseException as e:  # pylint: disable=broad-except
     log.write(f'run.py ended: {type(e).__name__}: {e}\n' + traceback.format_exc())
     traceback.print_exc()  # On stderr, as an uncaught exception is.
