@@ -98,23 +98,25 @@ def main(argv):
     MODES[FLAGS.mode](config, workdir)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
-    _exit(e.exit_code)
+    _exit(e.exit_code, agreed=e.agreed)
   except KeyboardInterrupt:  # Outside training (which saves on Ctrl-C): nothing to save.
     print('error: interrupted (Ctrl-C) outside training; what was written is intact. Run the '
           'same command again to continue.', file=sys.stderr)
     _exit(INTERRUPTED)
-  _exit(0)
+  _exit(0, agreed=True)
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped.
 
 
-def _exit(code: int) -> None:
+def _exit(code: int, agreed: bool = False) -> None:
   """Exits; as the program itself, without the interpreter's teardown (over a second of
   TensorFlow's). Everything the run writes is closed by now (checkpoints waited for, writers
-  closed); only the standard streams need flushing. Run from other code (runpy, tests), it
-  raises SystemExit as usual.
+  closed); only the standard streams need flushing, and, in a multi-process run that every
+  process leaves here (`agreed`), the distributed runtime shut down together. Run from other
+  code (runpy, tests), it raises SystemExit as usual.
   """
+  distributed.leave(agreed)
   program = sys.orig_argv[1] if len(sys.orig_argv) > 1 else ''  # What `python` was given.
   if pathlib.Path(program).resolve() != pathlib.Path(__file__).resolve():
     sys.exit(code)

@@ -34,6 +34,7 @@ class Preempted(errors.UserError):
     super().__init__(f'{_NAMES.get(signum, signum)}: saved the checkpoint at step {step} in '
                      f'{directory}; run again with the same --workdir to continue from it.')
     self.exit_code = 128 + signum  # As a shell reports a process that signal stopped.
+    self.agreed = True  # stop_signal() made it every process's decision, at the same step.
 
 
 class Stopper:

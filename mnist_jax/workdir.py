@@ -81,6 +81,7 @@ def hold(workdir: epath.Path):
       error = WorkdirError(f'{workdir} is in use by another run (process 0 could not take '
                            'its lock); wait for it to finish, or use another --workdir.')
   if error:
+    error.agreed = True  # Every process raises it here, after the broadcast.
     raise error
   try:
     yield

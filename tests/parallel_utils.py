@@ -18,6 +18,8 @@ SPEC.json holds:
                     `overrides` ({dotted field path: value}; lists become tuples);
                   {name, argv}: `python run.py argv...` itself, e.g. with --distributed (at most
                     one such job per process: run.py defines absl flags).
+  slow_stop_s:  optional; this process takes that many seconds longer to stop for a signal
+                (a sleep once its save at the stop is finished), as a host with a slower disk.
 
 Per job and process the driver writes `<name>.p<process index>.json` (the summary the run
 returned, the per-step train losses of every jitted call, the exit status `python run.py`
@@ -148,6 +150,8 @@ def main(spec_path: str) -> int:
   sys.path.insert(0, str(REPO_ROOT))
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   recorder = _Recorder()
+  if spec.get('slow_stop_s'):
+    _slow_stop(spec['slow_stop_s'])
   codes = []
   with tfds.testing.mock_data(num_examples=spec['num_examples']):
     for job in spec['jobs']:
@@ -155,6 +159,15 @@ def main(spec_path: str) -> int:
       if codes[-1] and _is_multi_process():
         break  # The peers cannot finish this job, nor run the next one, without this process.
   return next((c for c in codes if c), 0)
+
+
+def _slow_stop(seconds: float) -> None:
+  from mnist_jax import preemption  # pylint: disable=g-import-not-at-top
+  original_init = preemption.Preempted.__init__
+  def init(self, *args, **kwargs):  # Made once the save at the stop is finished.
+    time.sleep(seconds)
+    original_init(self, *args, **kwargs)
+  preemption.Preempted.__init__ = init
 
 
 def _is_multi_process() -> bool:

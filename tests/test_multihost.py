@@ -22,10 +22,11 @@ OVERRIDES = {'model.hidden_sizes': '(16,)', 'batch_size': 16, 'eval_batch_size':
              'num_epochs': 6, 'steps_per_call': 1, 'input_mode': 'device',
              'write_report': False, 'write_tensorboard': False, 'download': False}
 STEPS_PER_EPOCH = 25
+SLOW_STOP_S = 3
 TIMEOUT_S = 600  # Only a hang takes this long (a busy 2-core host: minutes).
 
 
-def start_pair(root, name, workdir):
+def start_pair(root, name, workdir, slow_stop_s=(0, 0)):
   address = f'127.0.0.1:{parallel_utils.free_port()}'
   children = []
   for process_id in range(2):
@@ -35,7 +36,8 @@ def start_pair(root, name, workdir):
             *[f'--config.{k}={v}' for k, v in OVERRIDES.items()]]
     children.append(parallel_utils.start(
         f'{name}{process_id}', dict(out=str(root / 'out' / name), num_examples=NUM_EXAMPLES,
-                                    jobs=[dict(name='run', argv=argv)]),
+                                    jobs=[dict(name='run', argv=argv)],
+                                    slow_stop_s=slow_stop_s[process_id]),
         parallel_utils.child_env(1, root / 'cache'), root / 'logs'))
   return children
 
@@ -75,9 +77,12 @@ def pairs(tmp_path_factory):
                          after=sorted(p.name for p in locked_workdir.iterdir()))
   out['reference'] = dict(codes=finish(reference), children=reference,
                           workdir=root / 'reference')
-  # SIGTERM to process 1 only, once epoch 1 is logged; then both again, to the end.
+  # SIGTERM to process 1 only, once epoch 1 is logged; then both again, to the end. Process 1
+  # is also SLOW_STOP_S slower to stop than process 0 (as a host with a slower disk, or a busy
+  # one): process 0 must not leave (taking the distributed runtime's service with it) before
+  # process 1 is done.
   workdir = root / 'preempted'
-  preempted = start_pair(root, 'preempted', workdir)
+  preempted = start_pair(root, 'preempted', workdir, slow_stop_s=(0, SLOW_STOP_S))
   deadline = time.monotonic() + TIMEOUT_S
   while not ((workdir / 'metrics.jsonl').exists() and (workdir / 'metrics.jsonl').read_text()):
     if time.monotonic() > deadline or any(c.process.poll() is not None for c in preempted):
