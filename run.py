@@ -114,12 +114,12 @@ def _exit(code: int, agreed: bool = False) -> None:
   TensorFlow's). Everything the run writes is closed by now (checkpoints waited for, writers
   closed); only the standard streams need flushing, and, in a multi-process run that every
   process leaves here (`agreed`), the distributed runtime shut down together. Run from other
-  code (runpy, tests), it raises SystemExit as usual.
+  code (runpy, tests), it raises SystemExit as usual: the runtime is that process's to leave.
   """
-  distributed.leave(agreed)
   program = sys.orig_argv[1] if len(sys.orig_argv) > 1 else ''  # What `python` was given.
   if pathlib.Path(program).resolve() != pathlib.Path(__file__).resolve():
     sys.exit(code)
+  distributed.leave(agreed)
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()

@@ -116,11 +116,12 @@ def _config(overrides: dict, name: str = 'mlp'):
   return config
 
 
-def _run_job(job: dict, recorder: _Recorder, out: pathlib.Path) -> int:
-  """One job; returns its exit status as `python run.py` would give it (0, a UserError's, 1)."""
+def _run_job(job: dict, recorder: _Recorder, out: pathlib.Path) -> tuple[int, bool]:
+  """One job; returns its exit status as `python run.py` would give it (0, a UserError's, 1),
+  and whether every process ends it so (run.py's `agreed`: finished, or a shared decision)."""
   from mnist_jax import errors  # pylint: disable=g-import-not-at-top
   from mnist_jax import train  # pylint: disable=g-import-not-at-top
-  code, error = 0, ''
+  code, error, agreed = 0, '', True
   try:
     if 'argv' in job:
       sys.argv = ['run.py', *job['argv']]
@@ -128,21 +129,24 @@ def _run_job(job: dict, recorder: _Recorder, out: pathlib.Path) -> int:
         runpy.run_path(str(REPO_ROOT / 'run.py'), run_name='__main__')
       except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        # run.py exits while handling the UserError it printed (if any): that is the context.
+        agreed = code == 0 or getattr(e.__context__, 'agreed', False)
     else:
       train.train_and_evaluate(_config(job.get('overrides', {}), job.get('config', 'mlp')),
                                job['workdir'])
   except errors.UserError as e:  # What run.py does with it.
     print(f'error: {e}', file=sys.stderr, flush=True)
-    code, error = e.exit_code, f'{type(e).__name__}: {e}'
+    code, error, agreed = e.exit_code, f'{type(e).__name__}: {e}', e.agreed
   except Exception as e:  # pylint: disable=broad-except  (recorded; the next job still runs)
     traceback.print_exc()
-    code, error = 1, f'{type(e).__name__}: {e}'
+    code, error, agreed = 1, f'{type(e).__name__}: {e}', False
   recorder.dump(out, job['name'], code, error)
-  return code
+  return code, agreed
 
 
-def main(spec_path: str) -> int:
-  """Runs the spec's jobs in order; returns the first non-zero exit status (0 if none)."""
+def main(spec_path: str) -> tuple[int, bool]:
+  """Runs the spec's jobs in order; returns the first non-zero exit status (0 if none), and
+  whether the processes agreed on it (see `_run_job`)."""
   spec = json.loads(pathlib.Path(spec_path).read_text())
   out = pathlib.Path(spec['out'])
   out.mkdir(parents=True, exist_ok=True)
@@ -156,9 +160,9 @@ def main(spec_path: str) -> int:
   with tfds.testing.mock_data(num_examples=spec['num_examples']):
     for job in spec['jobs']:
       codes.append(_run_job(job, recorder, out))
-      if codes[-1] and _is_multi_process():
+      if codes[-1][0] and _is_multi_process():
         break  # The peers cannot finish this job, nor run the next one, without this process.
-  return next((c for c in codes if c), 0)
+  return next((c for c in codes if c[0]), (0, True))
 
 
 def _slow_stop(seconds: float) -> None:
@@ -255,11 +259,15 @@ def params(out: pathlib.Path, name: str, process_index: int = 0) -> dict:
 
 if __name__ == '__main__':
   try:
-    status = main(sys.argv[1])
+    status, agreed = main(sys.argv[1])
   except Exception:  # pylint: disable=broad-except
     traceback.print_exc()
-    status = 3
-  if status:  # Skip exit hooks (the distributed runtime's shutdown) that could wait for a peer.
+    status, agreed = 3, False
+  # Leave as `python run.py` does (its _exit): with the peers on an agreed exit, else at once,
+  # skipping exit hooks (the distributed runtime's shutdown) that could wait for a peer.
+  from mnist_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.leave(agreed)
+  if status:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

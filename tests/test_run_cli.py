@@ -131,3 +131,24 @@ def test_missing_data_is_one_short_message(python, subprocess_env, tmp_path):
   assert '--config.data_dir' in message
   assert not workdir.exists()  # Nothing written for a run that never started.
   assert list(empty.iterdir()) == []  # And nothing created in the data dir.
+
+
+def test_the_program_leaves_the_distributed_runtime_with_its_peers_only_on_an_agreed_exit(
+    monkeypatch):
+  """run.py's exit as `python run.py`: the distributed runtime left with the peers (finished, a
+  shared stop: process 0 must not take its service away from a slower peer), else at once."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('run_program', REPO_ROOT / 'run.py')
+  run = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(run)  # Defines run.py's flags once in this process; parses nothing.
+  calls = []
+  monkeypatch.setattr(sys, 'orig_argv', [sys.executable, str(REPO_ROOT / 'run.py')])
+  monkeypatch.setattr(run.distributed, 'leave', lambda agreed: calls.append(('leave', agreed)))
+  monkeypatch.setattr(os, '_exit', lambda code: calls.append(('exit', code)))
+  run._exit(0, agreed=True)  # pylint: disable=protected-access
+  run._exit(143, agreed=True)  # pylint: disable=protected-access
+  run._exit(1)  # pylint: disable=protected-access
+  assert calls == [('leave', True), ('exit', 0), ('leave', True), ('exit', 143),
+                   ('leave', False), ('exit', 1)]
