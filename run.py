@@ -17,14 +17,14 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from mnist_jax import distributed
-from mnist_jax import errors
+from mnist_jax.infra import distributed
+from mnist_jax.infra import errors
 from mnist_jax import config_doc
 from mnist_jax import sweeps
 from mnist_jax import train
-from mnist_jax.models import layers
+from mnist_jax.infra import process
 
-layers.use_cpu_xla_flags()  # Before JAX's backend starts: XLA reads XLA_FLAGS once.
+process.use_cpu_xla_flags()  # Before JAX's backend starts: XLA reads XLA_FLAGS once.
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'mlp.py'
 # `--help` prints this docstring: every config field, with its default and meaning, generated

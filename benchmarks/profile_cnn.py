@@ -41,9 +41,10 @@ from mnist_jax import models
 from mnist_jax import optim
 from mnist_jax import steps
 from mnist_jax import train
+from mnist_jax.infra import process
 from mnist_jax.models import layers
 
-layers.use_cpu_xla_flags()  # As run.py: before JAX's backend starts.
+process.use_cpu_xla_flags()  # As run.py: before JAX's backend starts.
 
 flags.DEFINE_string('config', str(REPO / 'configs' / 'cnn.py'), 'Config file to profile.')
 # Which Conv and max_pool the models get: Flax's (the code before models/layers.py had its own),

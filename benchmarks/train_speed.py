@@ -58,9 +58,9 @@ import numpy as np
 
 from mnist_jax import steps
 from mnist_jax import train
-from mnist_jax.models import layers
+from mnist_jax.infra import process
 
-layers.use_cpu_xla_flags()  # As run.py: before JAX's backend starts.
+process.use_cpu_xla_flags()  # As run.py: before JAX's backend starts.
 
 flags.DEFINE_string('config', str(REPO / 'configs' / 'mlp.py'), 'Config file to benchmark.')
 flags.DEFINE_list('modes', ['device', 'tfdata'], 'Input modes to measure.')

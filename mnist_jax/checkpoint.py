@@ -27,12 +27,9 @@ Crash safety (tests/test_crash_safety.py):
 import contextlib
 import datetime
 import errno
-import inspect
-import logging as std_logging
 import os
 import re
 import shutil
-import sys
 from typing import Any
 
 from absl import logging
@@ -40,8 +37,9 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from mnist_jax import errors
-from mnist_jax import storage
+from mnist_jax.infra import errors
+from mnist_jax.infra import orbax_logs
+from mnist_jax.infra import storage
 
 
 class IncompatibleCheckpoint(errors.UserError):
@@ -53,8 +51,6 @@ class CheckpointSaveError(errors.UserError):
 
 
 
-# How much of a restore error the warning quotes (TensorStore's messages run to kilobytes).
-_MAX_ERROR_CHARS = 300
 # Orbax's name for a checkpoint folder still being written: '<step>.orbax-checkpoint-tmp[...]'.
 _TMP_MARK = '.orbax-checkpoint-tmp'
 # On object storage, the file that marks a step folder finished (there is no rename).
@@ -77,21 +73,16 @@ class Checkpointer:
     self.directory = directory if storage.is_remote(directory) else directory.absolute()
     if not read_only:
       self._remove_unfinished()
-    _quiet_orphaned_orbax_errors()
+    orbax_logs.quiet()
     options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
                                             create=False) if read_only else
                ocp.CheckpointManagerOptions(
                    max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
                    cleanup_tmp_directories=True))
-    previous = logging.get_verbosity()
-    logging.set_verbosity(min(previous, logging.ERROR) if read_only else previous)
-    try:  # (Read only, Orbax warns that it is: as asked.)
-      self._manager = ocp.CheckpointManager(
-          self.directory, item_names=(STATE, RUN), options=options,
-          item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                         RUN: ocp.JsonCheckpointHandler()})
-    finally:
-      logging.set_verbosity(previous)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=(STATE, RUN), options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       RUN: ocp.JsonCheckpointHandler()})
     self._unreadable: list[int] = []  # Skipped by restore_latest; set aside before a save.
     self._in_flight: int | None = None  # The step of the save not yet known to be finished.
     self._failed: CheckpointSaveError | None = None
@@ -186,7 +177,7 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
       except Exception as e:  # pylint: disable=broad-except
-        why = f'{type(e).__name__}: {_first_line(e)}'
+        why = f'{type(e).__name__}: {errors.first_line(e)}'
         logging.warning('Checkpoint at step %d in %s cannot be restored (%s); trying an older '
                         'one.', step, self.directory, why)
         print(f'warning: checkpoint at step {step} in {self.directory} is unreadable ({why}); '
@@ -265,61 +256,7 @@ def _save_failure(e: BaseException) -> str:
   if any(getattr(x, 'errno', None) == errno.ENOSPC for x in chain) or (
       'No space left on device' in texts or "os_error_code='28'" in texts):
     return 'no space left on device'
-  return f'{type(e).__name__}: {_first_line(e)}'
-
-
-def _quiet_orphaned_orbax_errors() -> None:
-  """Keeps a failed restore's or save's leftovers from printing tracebacks after our line.
-
-  When one array of a checkpoint fails to read (or write: a full disk), Orbax gives up and
-  closes its event loop while TensorStore is still busy with the others; their completions
-  then raise 'Event loop is closed' (or leave an unretrieved coroutine error) in the
-  background, which Python prints as tracebacks through `sys.unraisablehook`; asyncio logs
-  the other reads' errors as 'Task exception was never retrieved' with a traceback; and a
-  failed save's background threads log their errors with tracebacks. Those say nothing the
-  warning or the error line does not, so they are logged at debug level instead; every other
-  unraisable error or log record goes where it went before. Installed once per process.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, '_mnist_jax_quiet', False):
-    return
-  std_logging.getLogger('asyncio').addFilter(_drop_orphaned_tensorstore_reads)
-  std_logging.getLogger('absl').addFilter(_drop_failed_save_logs)
-
-  def hook(unraisable):
-    orphan = (isinstance(unraisable.exc_value, RuntimeError)
-              and 'Event loop is closed' in str(unraisable.exc_value)) or (
-                  inspect.iscoroutine(unraisable.object)
-                  and 'orbax' in unraisable.object.cr_code.co_filename)
-    if orphan:
-      logging.debug('Ignored after a failed checkpoint restore: %r', unraisable.exc_value)
-    else:
-      previous(unraisable)
-
-  hook._mnist_jax_quiet = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
-
-
-def _drop_orphaned_tensorstore_reads(record: std_logging.LogRecord) -> bool:
-  error = record.exc_info[1] if record.exc_info else None
-  orphan = (record.getMessage().startswith('Task exception was never retrieved')
-            and error is not None and 'tensorstore_spec' in str(error))
-  if orphan:
-    logging.debug('Ignored after a failed checkpoint restore: %s', _first_line(error))
-  return not orphan
-
-
-def _drop_failed_save_logs(record: std_logging.LogRecord) -> bool:
-  """Orbax's error logs of a failed background save (CheckpointSaveError says it in a line)."""
-  failed_save = record.levelno >= std_logging.ERROR and 'orbax' in record.pathname
-  if failed_save:
-    logging.debug('Orbax: %s', record.getMessage()[:_MAX_ERROR_CHARS])
-  return not failed_save
-
-
-def _first_line(e: Exception) -> str:
-  text = str(e).strip().splitlines()[0] if str(e).strip() else ''
-  return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + '...'
+  return f'{type(e).__name__}: {errors.first_line(e)}'
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

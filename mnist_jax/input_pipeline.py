@@ -23,8 +23,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds  # Imports TensorFlow lazily, when it first needs it.
 
-from mnist_jax import errors
-from mnist_jax import storage
+from mnist_jax.infra import errors
+from mnist_jax.infra import storage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
-from mnist_jax import storage
+from mnist_jax.infra import storage
 
 FIGSIZE = (16, 10)  # Inches.
 DPI = 100

@@ -24,38 +24,24 @@ import ml_collections
 import numpy as np
 
 from mnist_jax import checkpoint
-from mnist_jax import errors
+from mnist_jax.infra import errors
 from mnist_jax import input_modes
 from mnist_jax import input_pipeline
 from mnist_jax import metrics
 from mnist_jax import models
 from mnist_jax import optim
-from mnist_jax import preemption
+from mnist_jax.infra import preemption
 from mnist_jax import progress as progress_lib
 from mnist_jax import steps
-from mnist_jax import storage
+from mnist_jax.infra import storage
 from mnist_jax import sweeps
 from mnist_jax import validation
-from mnist_jax import workdir as workdir_lib
+from mnist_jax.infra import workdir as workdir_lib
 from mnist_jax import writers
 
 
 class NonFiniteError(errors.UserError):
   pass
-
-
-def resolve_cache_dir(cache_dir: str) -> epath.Path | None:
-  if cache_dir == 'none':
-    return None
-  path = cache_dir or os.environ.get('MNIST_JAX_CACHE') or '~/.cache/mnist_jax'
-  return storage.as_path(path if storage.is_remote(path) else os.path.expanduser(path))
-
-
-def enable_compilation_cache(cache_dir: epath.Path) -> None:
-  """JAX's persistent cache: a second run loads compiled programs instead of compiling."""
-  jax.config.update('jax_compilation_cache_dir', str(cache_dir / 'jax'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
 # On a terminal the progress bar moves after every call, so calls are shorter there.

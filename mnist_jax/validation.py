@@ -11,7 +11,7 @@ import ml_collections
 import optax
 
 from mnist_jax import augment
-from mnist_jax import errors
+from mnist_jax.infra import errors
 from mnist_jax import input_modes
 from mnist_jax import losses
 from mnist_jax import metrics

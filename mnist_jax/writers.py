@@ -17,7 +17,7 @@ import optax
 from etils import epath
 import tensorboardX
 
-from mnist_jax import storage
+from mnist_jax.infra import storage
 
 
 def count_params(params) -> int:

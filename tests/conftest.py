@@ -16,11 +16,11 @@ import sys
 import jax
 import pytest
 
-from mnist_jax.models import layers
+from mnist_jax.infra import process
 
 # The XLA:CPU flags run.py sets (before any test starts JAX's backend; the run.py children
 # inherit them): the suite tests the compiler settings users run.
-layers.use_cpu_xla_flags()
+process.use_cpu_xla_flags()
 
 # Strict numerics: an implicit rank promotion (a silent broadcast of [B] against [B, 1]) is an
 # error, so a shape bug fails loudly instead of computing something plausible.

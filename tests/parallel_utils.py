@@ -119,7 +119,7 @@ def _config(overrides: dict, name: str = 'mlp'):
 def _run_job(job: dict, recorder: _Recorder, out: pathlib.Path) -> tuple[int, bool]:
   """One job; returns its exit status as `python run.py` would give it (0, a UserError's, 1),
   and whether every process ends it so (run.py's `agreed`: finished, or a shared decision)."""
-  from mnist_jax import errors  # pylint: disable=g-import-not-at-top
+  from mnist_jax.infra import errors  # pylint: disable=g-import-not-at-top
   from mnist_jax import train  # pylint: disable=g-import-not-at-top
   code, error, agreed = 0, '', True
   try:
@@ -166,7 +166,7 @@ def main(spec_path: str) -> tuple[int, bool]:
 
 
 def _slow_stop(seconds: float) -> None:
-  from mnist_jax import preemption  # pylint: disable=g-import-not-at-top
+  from mnist_jax.infra import preemption  # pylint: disable=g-import-not-at-top
   original_init = preemption.Preempted.__init__
   def init(self, *args, **kwargs):  # Made once the save at the stop is finished.
     time.sleep(seconds)
@@ -265,7 +265,7 @@ if __name__ == '__main__':
     status, agreed = 3, False
   # Leave as `python run.py` does (its _exit): with the peers on an agreed exit, else at once,
   # skipping exit hooks (the distributed runtime's shutdown) that could wait for a peer.
-  from mnist_jax import distributed  # pylint: disable=g-import-not-at-top
+  from mnist_jax.infra import distributed  # pylint: disable=g-import-not-at-top
   distributed.leave(agreed)
   if status:
     sys.stdout.flush()

@@ -26,7 +26,7 @@ import pytest
 import crash_utils as cu
 from crash_utils import Fault
 from mnist_jax import checkpoint
-from mnist_jax import errors
+from mnist_jax.infra import errors
 from mnist_jax import validation
 
 pytestmark = pytest.mark.slow  # run.py children killed and restarted: minutes.

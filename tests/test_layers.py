@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mnist_jax.infra import process
 from mnist_jax.models import layers
 
 
@@ -182,26 +183,26 @@ _FLAG = '--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_
 
 def test_cpu_flags_are_added_to_the_users_flags():
   environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  assert layers.use_cpu_xla_flags(environ) == [_FLAG]
+  assert process.use_cpu_xla_flags(environ) == [_FLAG]
   assert environ['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {_FLAG}'
-  assert layers.use_cpu_xla_flags(environ) == []  # Once only.
+  assert process.use_cpu_xla_flags(environ) == []  # Once only.
   assert environ['XLA_FLAGS'].split().count(_FLAG) == 1
   empty = {}
-  assert layers.use_cpu_xla_flags(empty) == [_FLAG] and empty['XLA_FLAGS'] == _FLAG
+  assert process.use_cpu_xla_flags(empty) == [_FLAG] and empty['XLA_FLAGS'] == _FLAG
 
 
 def test_a_flag_the_user_set_is_kept():
   mine = '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT'
   environ = {'XLA_FLAGS': mine}
-  assert layers.use_cpu_xla_flags(environ) == []
+  assert process.use_cpu_xla_flags(environ) == []
   assert environ == {'XLA_FLAGS': mine}
 
 
 @pytest.mark.parametrize('version', ['0.8.3', '0.7.2'])
 def test_a_jaxlib_without_the_flag_gets_none(monkeypatch, version):
-  monkeypatch.setattr(layers.importlib.metadata, 'version', lambda name: version)
+  monkeypatch.setattr(process.importlib.metadata, 'version', lambda name: version)
   environ = {}
-  assert layers.use_cpu_xla_flags(environ) == [] and environ == {}
+  assert process.use_cpu_xla_flags(environ) == [] and environ == {}
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU flag')

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import parallel_utils
-from mnist_jax import workdir as workdir_lib
+from mnist_jax.infra import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow
 

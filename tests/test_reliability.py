@@ -24,10 +24,10 @@ import tensorflow_datasets as tfds
 import crash_utils as cu
 from crash_utils import Fault
 from mnist_jax import checkpoint
-from mnist_jax import errors
+from mnist_jax.infra import errors
 from mnist_jax import input_pipeline
 from mnist_jax import train
-from mnist_jax import workdir as workdir_lib
+from mnist_jax.infra import workdir as workdir_lib
 from mnist_jax import writers
 
 pytestmark = pytest.mark.slow  # run.py children: minutes.

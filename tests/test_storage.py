@@ -1,4 +1,4 @@
-"""mnist_jax.storage: local paths as today, and gs:// against a local GCS emulator.
+"""mnist_jax.infra.storage: local paths as today, and gs:// against a local GCS emulator.
 
 The emulator tests skip (with the reason) when the test extras are not installed; the local
 ones always run. tests/gcs_emulator.py says what the emulator does and what it is given.
@@ -19,8 +19,8 @@ import time
 import pytest
 
 import gcs_emulator
-from mnist_jax import errors
-from mnist_jax import storage
+from mnist_jax.infra import errors
+from mnist_jax.infra import storage
 
 
 @pytest.fixture(scope='module')
@@ -105,7 +105,7 @@ def test_a_missing_client_is_one_line_naming_the_package(monkeypatch):
 def test_local_use_imports_neither_gcsfs_nor_tensorflow(tmp_path):
   code = textwrap.dedent(f'''
       import sys
-      from mnist_jax import storage
+      from mnist_jax.infra import storage
       path = storage.as_path({str(tmp_path)!r}) / 'x.json'
       storage.write_json_atomic(path, {{'a': 1}})
       print(sorted(m for m in ('gcsfs', 'fsspec', 'tensorflow', 'google.cloud.storage')
@@ -222,7 +222,7 @@ def test_tensorboard_events_go_to_the_bucket(gcs):
 
 _HOLD_LOCK = textwrap.dedent('''
     import sys, time
-    from mnist_jax import storage
+    from mnist_jax.infra import storage
     lock = storage.WorkdirLock(storage.as_path(sys.argv[1]), lease_s=float(sys.argv[2]))
     lock.acquire()
     print('locked', flush=True)

@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import MLP_CONFIG_PATH
-from mnist_jax import errors
+from mnist_jax.infra import errors
 from mnist_jax import optim
 from mnist_jax import sweeps
 from mnist_jax import train

@@ -6,7 +6,7 @@ import re
 import pytest
 import tensorflow_datasets as tfds
 
-from mnist_jax import errors
+from mnist_jax.infra import errors
 from mnist_jax import train
 from mnist_jax import validation
 

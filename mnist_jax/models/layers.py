@@ -10,7 +10,7 @@ Which implementation runs where is chosen when the function is traced, by
 | `Conv` | 2-D, stride 1, undilated, ungrouped: see `conv_general_dilated`; otherwise XLA's | XLA's |
 
 On CPU the convolutions also need one XLA flag, set for the whole process before JAX's backend
-starts (`use_cpu_xla_flags`, called by run.py, the benchmarks and the tests): see there.
+starts (`infra.process.use_cpu_xla_flags`, called by run.py, the benchmarks and the tests).
 
 Each computes what the Flax layer it replaces computes, values and gradients, with the same
 parameter names, shapes and initial values (tests/test_layers.py).
@@ -18,8 +18,6 @@ parameter names, shapes and initial values (tests/test_layers.py).
 
 from collections.abc import Callable, Sequence
 import functools
-import importlib.metadata
-import os
 
 import flax.linen as nn
 import jax
@@ -30,35 +28,6 @@ import numpy as np
 
 def _on_cpu() -> bool:
   return jax.default_backend() == 'cpu'
-
-
-# jaxlib 0.9 and later run XLA:CPU convolutions through YNNPACK. On a 2-core AVX2 EPYC that made
-# the 14x14x32->64 convolution of configs/cnn.py and its input gradient ~2x slower than XLA's
-# own (Eigen) convolution (26 vs 14 ms and 30 vs 12 ms), and the CNN's whole train step 1.48x
-# slower (115.6 vs 78.3 ms; benchmarks/profile_cnn.py). The flag removes only convolutions from
-# YNNPACK's fusion types; dots (the MLP) and every other op compile as before. jaxlib 0.7 and 0.8
-# have neither the flag nor YNNPACK convolutions, and XLA stops at a flag it does not know.
-CPU_XLA_FLAGS = {
-    'xla_cpu_experimental_ynn_fusion_type': '-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
-_CPU_XLA_FLAGS_SINCE = (0, 9)
-
-
-def use_cpu_xla_flags(environ=os.environ) -> list[str]:
-  """Adds `CPU_XLA_FLAGS` to XLA_FLAGS in `environ`; returns the flags it added.
-
-  Takes effect only if JAX's backend has not started yet (XLA reads XLA_FLAGS once), so call
-  it first thing. A flag the user already set in XLA_FLAGS is left as they set it; nothing is
-  added for a jaxlib older than 0.9. Other backends ignore XLA:CPU's flags.
-  """
-  version = tuple(int(p) for p in importlib.metadata.version('jaxlib').split('.')[:2])
-  if version < _CPU_XLA_FLAGS_SINCE:
-    return []
-  current = environ.get('XLA_FLAGS', '').split()
-  added = [f'--{name}={value}' for name, value in CPU_XLA_FLAGS.items()
-           if not any(f.startswith(f'--{name}=') for f in current)]
-  if added:
-    environ['XLA_FLAGS'] = ' '.join(current + added)
-  return added
 
 
 class Logits(nn.Module):

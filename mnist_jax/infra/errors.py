@@ -14,3 +14,12 @@ class ConfigError(UserError):
   """An invalid config value, found before any data is loaded or anything is compiled."""
 
   exit_code = 2
+
+
+# How much of a library's error a line quotes (TensorStore's messages run to kilobytes).
+MAX_ERROR_CHARS = 300
+
+
+def first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ''
+  return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + '...'

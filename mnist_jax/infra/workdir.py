@@ -24,8 +24,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mnist_jax import errors
-from mnist_jax import storage
+from mnist_jax.infra import errors
+from mnist_jax.infra import storage
 
 LOCK_NAME = storage.LOCK_NAME
 

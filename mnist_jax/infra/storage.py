@@ -38,7 +38,7 @@ from typing import Any
 
 from etils import epath
 
-from mnist_jax import errors
+from mnist_jax.infra import errors
 
 os.environ.setdefault('EPATH_USE_TF', 'false')
 os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
