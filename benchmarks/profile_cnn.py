@@ -6,7 +6,7 @@ r"""Where a train step's time goes: per XLA op and per layer, from a jax.profile
   python benchmarks/profile_cnn.py --compare=flax,pool,ours --rounds=7   # A/B: each change's gain
 
 Runs the config's model and optimizer through the loop's own jitted chunk
-(`steps.chunk_fns(resident=True, ...).train`) on random resident data (op times do not depend on the values),
+(`steps.make_chunk_fns(steps.gather).train`) on random resident data (op times do not depend on the values),
 traces a few calls and sums each XLA op's time over the threads that ran it. Prints the top ops
 with what they compute (fusion root, shape, the JAX operation and model layer they came from),
 then the time per layer, forward and backward. Times are per train step. On a busy machine
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnist_jax import executor
 from mnist_jax import models
 from mnist_jax import optim
 from mnist_jax import steps
@@ -172,7 +173,7 @@ def compile_with(layer_set: str, config, k: int, unroll: int):
     state, data, chunk = setup(config, k)
     task = steps.Task.from_config(config, models.build(config.model, 10))
     start = time.perf_counter()
-    compiled = steps.chunk_fns(resident=True, replicas=False).train.lower(
+    compiled = steps.make_chunk_fns(steps.gather).train.lower(
         state, data, chunk, task=task, unroll=unroll, guard_empty_steps=False).compile()
     return compiled, (state, data, chunk), time.perf_counter() - start
   finally:
@@ -207,7 +208,7 @@ def compare(names: list[str], config, k: int, unroll: int, rounds: int) -> None:
 def main(argv):
   del argv
   config = load_config(FLAGS.config)
-  execution = train.for_backend(config)  # What run.py would use on this backend.
+  execution = executor.for_backend(config)  # What run.py would use on this backend.
   k = FLAGS.steps_per_call if FLAGS.steps_per_call >= 0 else execution['steps_per_call']
   k = k or 50
   unroll = FLAGS.scan_unroll if FLAGS.scan_unroll > 0 else execution['scan_unroll']

@@ -14,15 +14,16 @@ by name in the config and lives in its own module:
   * the optimizer (`optim.py`): `TrainState.tx`.
 
 Several steps run per jitted call (`lax.scan`), so Python dispatch is paid once per call. The
-chunk functions come from `chunk_fns`: over stacked batches that tf.data prepared, or over
-indices into a resident copy of the dataset gathered on the device; for one run, or for N
-replicas at once (vmapped). All of them run the same `train_step`.
+chunk functions come from `make_chunk_fns(get_batch, ...)`: over stacked batches that tf.data
+prepared (`stacked`), or over indices into a resident copy of the dataset gathered on the
+device (`gather`); for one run, or for N replicas at once (vmapped). All of them run the same
+`train_step`, and `check_finite` reads what they return for the NaN/Inf guard.
 """
 
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +36,7 @@ import optax
 from mnist_jax import augment
 from mnist_jax import losses
 from mnist_jax import metrics
+from mnist_jax.infra import errors
 
 Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]  # Sums over real examples: the loss, each metric, and 'count'.
@@ -175,41 +177,58 @@ def _scan_eval(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], ta
   return jax.lax.scan(body, metrics.zero_sums(task.value_names), xs, unroll=unroll)[0]
 
 
-def _gather(data: Batch, chunk: Batch) -> Batch:
-  """A batch gathered on the device from resident data by the planned indices."""
-  index = chunk['index']
+def gather(data: Batch, x: Batch) -> Batch:
+  """A batch gathered on the device from resident `data` by a planned step x['index'] [B]."""
+  index = x['index']
   return dict(image=jnp.take(data['image'], index, axis=0),
-              label=jnp.take(data['label'], index, axis=0), mask=chunk['mask'])
+              label=jnp.take(data['label'], index, axis=0), mask=x['mask'])
 
 
-def _identity(batch: Batch) -> Batch:
-  return batch
+def stacked(data: None, x: Batch) -> Batch:
+  """A batch that the host already stacked (tf.data): the step's slice of the chunk."""
+  del data
+  return x
 
 
-def train_batches(state: TrainState, batches: Batch, *, task: Task = DEFAULT_TASK,
-                  unroll: int = 1, guard_empty_steps: bool = True):
-  """Train steps over stacked batches [K, B, ...]; see `_scan_train` for what it returns."""
-  return _scan_train(state, batches, _identity, task, unroll, guard_empty_steps)
+@dataclasses.dataclass(frozen=True)
+class ChunkFns:
+  """The jitted functions an executor calls, over K steps at once:
+  train(state, data, xs, *, task, unroll, guard_empty_steps) -> (state, sums, per_step), the
+  state donated; evaluate(state, data, xs, *, task, unroll) -> sums. `data` is what
+  `get_batch(data, x)` reads each step's batch from (the resident dataset, or None), `xs` the
+  chunk with a leading step axis [K, ...]."""
+  train: Callable
+  evaluate: Callable
 
 
-def train_resident(state: TrainState, data: Batch, chunk: Batch, *, task: Task = DEFAULT_TASK,
-                   unroll: int = 1, guard_empty_steps: bool = True):
-  """Train steps over planned indices chunk['index'] [K, B] into resident `data`."""
-  return _scan_train(state, chunk, functools.partial(_gather, data), task, unroll,
-                     guard_empty_steps)
+@functools.cache
+def make_chunk_fns(get_batch: Callable[[Any, Batch], Batch], replicas: bool = False,
+                   shared_batches: bool = False) -> ChunkFns:
+  """The chunk functions over `get_batch` (`gather` or `stacked`), for N replicas at once
+  (state stacked [N, ...], vmapped) or one run; jitted once per process, whatever the task.
+
+  Replicas share `data` and the evaluation chunks; each has its own training chunk [N, K, ...],
+  unless `shared_batches` (replicas of one seed): then they share the training chunk too.
+  `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
+  unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
+  """
+  def train(state, data, xs, *, task=DEFAULT_TASK, unroll=1, guard_empty_steps=True):
+    return _scan_train(state, xs, functools.partial(get_batch, data), task, unroll,
+                       guard_empty_steps)
+
+  def evaluate(state, data, xs, *, task=DEFAULT_TASK, unroll=1):
+    return _scan_eval(state, xs, functools.partial(get_batch, data), task, unroll)
+
+  if replicas:
+    train = _over_replicas(train, (0, None, None if shared_batches else 0))
+    evaluate = _over_replicas(evaluate, (0, None, None))
+  return ChunkFns(
+      train=jax.jit(train, donate_argnums=0,
+                    static_argnames=('task', 'unroll', 'guard_empty_steps')),
+      evaluate=jax.jit(evaluate, static_argnames=('task', 'unroll')))
 
 
-def eval_batches(state: TrainState, batches: Batch, *, task: Task = DEFAULT_TASK,
-                 unroll: int = 1) -> Sums:
-  return _scan_eval(state, batches, _identity, task, unroll)
-
-
-def eval_resident(state: TrainState, data: Batch, chunk: Batch, *, task: Task = DEFAULT_TASK,
-                  unroll: int = 1) -> Sums:
-  return _scan_eval(state, chunk, functools.partial(_gather, data), task, unroll)
-
-
-def over_replicas(fn: Callable, in_axes: tuple) -> Callable:
+def _over_replicas(fn: Callable, in_axes: tuple) -> Callable:
   """`fn` for N independent replicas at once: state (and per-replica inputs) stacked [N, ...]."""
 
   def run(state, *args, **static):  # task, unroll (and guard_empty_steps for training).
@@ -218,35 +237,50 @@ def over_replicas(fn: Callable, in_axes: tuple) -> Callable:
   return run
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkFns:
-  """The jitted functions an input mode calls: train(state, *inputs, task, unroll,
-  guard_empty_steps) -> (state, sums, per_step) with the state donated, and
-  evaluate(state, *inputs, task, unroll) -> sums."""
-  train: Callable
-  evaluate: Callable
+class NonFiniteError(errors.UserError):
+  pass
 
 
-@functools.cache
-def chunk_fns(resident: bool, replicas: bool, shared_batches: bool = False) -> ChunkFns:
-  """The chunk functions for resident data (else stacked batches), for N replicas (else one
-  run); each jitted once per process, whatever the task.
+def check_finite(unchecked: list, diverged: np.ndarray | None = None,
+                 names: Sequence[str] = ()) -> None:
+  """Stops the run at the first step whose loss, or whose gradient update, is NaN or Inf.
 
-  Replicas share the resident data and the evaluation batches; each has its own data order,
-  unless `shared_batches` (replicas of one seed): then they share the training batches too.
-  `unroll` is lax.scan's: XLA:CPU runs convolutions inside a loop body about 10x slower than
-  unrolled, so convolutional configs unroll their (short) chunks; MLPs keep the loop.
+  `unchecked` holds (per_step, first step, last step) of every chunk since the last check,
+  oldest first, as the train chunk function returned them; it is emptied. Checking them all
+  (not only the last call) names the first bad step. Non-finite gradients poison the
+  parameters and so every later loss: if a call's losses are finite but its final parameters
+  are not, the bad update was its last step.
+
+  In a sweep (`diverged`: per replica, the step it diverged at, 0 while it has not; `names`:
+  the replicas'), a replica that goes non-finite is marked and the others go on; only when
+  every replica has diverged does the run stop.
   """
-  train, evaluate = (train_resident, eval_resident) if resident else (train_batches,
-                                                                       eval_batches)
-  if replicas:
-    per_replica = None if shared_batches else 0
-    train = over_replicas(train, (0, None, per_replica) if resident else (0, per_replica))
-    evaluate = over_replicas(evaluate, (0, None, None) if resident else (0, None))
-  return ChunkFns(
-      train=jax.jit(train, donate_argnums=0,
-                    static_argnames=('task', 'unroll', 'guard_empty_steps')),
-      evaluate=jax.jit(evaluate, static_argnames=('task', 'unroll')))
+  for per_step, first_step, last_step in unchecked:
+    loss = np.asarray(per_step['loss'])
+    loss_RxK = loss.reshape(-1, loss.shape[-1])  # R replicas (1 for a single run).
+    finite_R = np.asarray(per_step['params_finite']).reshape(-1)
+    bad_RxK = ~np.isfinite(loss_RxK)
+    for r in range(len(loss_RxK)) if diverged is not None else ():
+      if diverged[r] or (finite_R[r] and not bad_RxK[r].any()):
+        continue
+      bad = np.flatnonzero(bad_RxK[r])
+      diverged[r] = first_step + bad[0] + 1 if bad.size else last_step
+      print(f'warning: replica {names[r]} diverged at step {diverged[r]} (loss '
+            f'{loss_RxK[r, bad[0]] if bad.size else "finite, parameters not"}); the others go '
+            'on.', flush=True)
+    if diverged is not None and not diverged.all():
+      continue
+    bad = np.flatnonzero(bad_RxK.any(axis=0))
+    if bad.size:
+      what, step = f'loss is {loss_RxK[:, bad[0]].tolist()}', first_step + bad[0] + 1
+    elif not np.all(finite_R):
+      what, step = 'gradients are non-finite (the update made the parameters NaN/Inf)', last_step
+    else:
+      continue
+    raise NonFiniteError(
+        f'{what} at step {step}; stopping without saving this state (the last checkpoint is '
+        'kept). Lower the learning rate or check the data.')
+  unchecked.clear()
 
 
 @functools.partial(jax.jit, static_argnames='task')

@@ -55,7 +55,7 @@ class _Recorder:
 
   def __init__(self):
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from mnist_jax import input_modes  # pylint: disable=g-import-not-at-top
+    from mnist_jax import executor  # pylint: disable=g-import-not-at-top
     from mnist_jax import train  # pylint: disable=g-import-not-at-top
     from mnist_jax import writers  # pylint: disable=g-import-not-at-top
     self.reset()
@@ -70,12 +70,12 @@ class _Recorder:
       return original_fingerprint(params, model_state)
     writers.fingerprint = fingerprint
 
-    original_call = input_modes.InputMode.train_call
+    original_call = executor.Executor.train_call
     def train_call(self, state, *args, **kwargs):
       out = original_call(self, state, *args, **kwargs)
       recorder.losses.append(np.asarray(out[2]['loss']).tolist())  # Per step of the call.
       return out
-    input_modes.InputMode.train_call = train_call
+    executor.Executor.train_call = train_call
 
     # run.py looks this up when it runs, so its runs are recorded too.
     original_train = train.train_and_evaluate

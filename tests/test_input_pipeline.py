@@ -93,9 +93,9 @@ def test_tf_batches_gather_the_planned_examples():
 ])
 def test_device_mode_guards_exactly_the_calls_that_may_hold_empty_steps(steps_per_call, start,
                                                                         guarded):
-  from mnist_jax import input_modes  # pylint: disable=g-import-not-at-top
+  from mnist_jax import executor  # pylint: disable=g-import-not-at-top
   split = input_pipeline.Split(np.zeros((60_000, 2, 2, 1), np.uint8), np.zeros(60_000, np.int32))
-  mode = input_modes.create('device', dict(train=split, test=split), train_split='train',
+  mode = executor.create('device', dict(train=split, test=split), train_split='train',
                             eval_split='test', seeds=[0], batch_size=128, eval_batch_size=1000,
                             steps_per_call=steps_per_call)
   chunks = mode.epoch_chunks(0, start=start)

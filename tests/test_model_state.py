@@ -122,7 +122,7 @@ def test_empty_steps_leave_the_statistics_alone(tiny):
   state, _ = steps.train_step_jit(new_state(tiny), batch(8), tiny['task'])
   before = host(state)
   chunk = {k: np.stack([v]) for k, v in batch(0).items()}  # One step, all padding.
-  after = steps.chunk_fns(resident=False, replicas=False).train(state, chunk, task=tiny['task'])
+  after = steps.make_chunk_fns(steps.stacked).train(state, None, chunk, task=tiny['task'])
   jax.tree.map(np.testing.assert_array_equal, host(after[0].model_state), before.model_state)
 
 
@@ -135,8 +135,8 @@ def test_non_finite_statistics_are_caught_even_with_a_finite_loss(tiny):
                                           mean=jnp.full((4,), jnp.nan)))
   state = state.replace(model_state={'batch_stats': poisoned})
   chunk = {k: np.stack([v]) for k, v in batch(8).items()}
-  _, _, per_step = steps.chunk_fns(resident=False, replicas=False).train(
-      state, chunk, task=tiny['task'])
+  _, _, per_step = steps.make_chunk_fns(steps.stacked).train(
+      state, None, chunk, task=tiny['task'])
   assert np.isfinite(np.asarray(per_step['loss'])).all()
   assert not bool(per_step['params_finite'])
 

@@ -90,7 +90,7 @@ def pick(sums):
 
 def train_chunk(state, batches, **kwargs):
   """The chunk function the tf.data input mode calls (stacked batches, one run)."""
-  return steps.chunk_fns(resident=False, replicas=False).train(state, batches, **kwargs)
+  return steps.make_chunk_fns(steps.stacked).train(state, None, batches, **kwargs)
 
 
 # --- Golden ---------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_train_chunk_resident_equals_train_chunk(tiny):
   batches = dict(image=data['image'][chunk['index']], label=data['label'][chunk['index']],
                  mask=chunk['mask'])
   out_host = train_chunk(make_state(tiny), batches)
-  out_dev = steps.chunk_fns(resident=True, replicas=False).train(make_state(tiny), data, chunk)
+  out_dev = steps.make_chunk_fns(steps.gather).train(make_state(tiny), data, chunk)
   assert_trees_close(out_dev[0].params, out_host[0].params)
   np.testing.assert_allclose(list(pick(out_dev[1]).values()), list(pick(out_host[1]).values()),
                              rtol=1e-6)

@@ -1,8 +1,10 @@
-"""How batches reach the train step: from tf.data, or gathered on the device.
+"""The executor: the device mesh, the shardings, the jitted chunk functions, and how batches
+reach them (`config.input_mode`: from tf.data, or gathered on the device).
 
-An input mode turns the data plan of `input_pipeline` into calls of the jitted chunk functions
-of `steps`. Both modes consume the same plan, so the same seed feeds the same examples in the
-same order whichever runs. Adding a mode means adding a class and a line in `INPUT_MODES`.
+An executor turns the data plan of `input_pipeline` into calls of the jitted chunk functions
+of `steps` (`steps.make_chunk_fns`), for training and for evaluation. Every input mode consumes
+the same plan, so the same seed feeds the same examples in the same order whichever runs.
+Adding a mode means adding a class (its `get_batch` and inputs) and a line in `INPUT_MODES`.
 
 Data parallelism: the global batch is split over all devices (of all processes) along a 'data'
 mesh axis; the state is replicated. Each process puts only its own columns of every batch on
@@ -26,15 +28,15 @@ from mnist_jax import steps
 RESIDENT_MAX_BYTES = 1 << 30
 
 
-class InputMode:
-  """Feeds the train and eval steps: plans which examples each step of an epoch sees, in
+class Executor:
+  """Runs the train and eval steps: plans which examples each step of an epoch sees, in
   chunks of steps, and calls the jitted chunk functions of `steps` on them.
 
   With N > 1 `seeds`, N independent replicas (seeds[i] orders replica i's data) train at
   once: the state and the plan get a leading replica axis [N, ...] and the vmapped chunk
   functions run; when every replica has the same seed, they share one plan (no replica axis).
   """
-  resident = False  # Whether the dataset lives on the device (see steps.chunk_fns).
+  get_batch = staticmethod(steps.stacked)  # How a step reads its batch (steps.make_chunk_fns).
 
   def __init__(self, splits: dict[str, input_pipeline.Split], *, train_split: str,
                eval_split: str, seeds: Sequence[int], batch_size: int, eval_batch_size: int,
@@ -46,7 +48,7 @@ class InputMode:
     # Replicas of one seed (a sweep of values) see the same batches: one plan, shared, so XLA
     # computes the replicas' layers on one batch (one wider matmul, one gather) at once.
     self.shared_batches = self.num_replicas > 1 and len(set(self.seeds)) == 1
-    self._fns = steps.chunk_fns(self.resident, self.num_replicas > 1, self.shared_batches)
+    self._fns = steps.make_chunk_fns(self.get_batch, self.num_replicas > 1, self.shared_batches)
     stacked = self.num_replicas > 1 and not self.shared_batches
     self._batch_axis = 2 if stacked else 1  # Of plan [(N,) K, B] and batch arrays.
     self.steps_per_epoch = math.ceil(len(self.train) / batch_size)
@@ -104,10 +106,11 @@ class InputMode:
         lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
 
   def train_inputs(self, chunks):
-    """Per chunk, the arguments of the train chunk function after the state."""
+    """Per chunk, the (data, xs) arguments of the train chunk function after the state."""
     raise NotImplementedError
 
   def eval_inputs(self):
+    """The (data, xs) arguments of the eval chunk function: the whole eval split, one call."""
     raise NotImplementedError
 
   def guard_empty_steps(self, chunk: dict[str, np.ndarray]) -> bool:
@@ -119,17 +122,17 @@ class InputMode:
     return (self.steps_per_epoch % self.steps_per_call != 0
             or self.real_steps(chunk) < chunk['mask'].shape[-2])
 
-  def train_call(self, state: steps.TrainState, *args, guard_empty_steps: bool = True):
-    return self._fns.train(state, *args, task=self.task, unroll=self.unroll,
+  def train_call(self, state: steps.TrainState, data, xs, guard_empty_steps: bool = True):
+    return self._fns.train(state, data, xs, task=self.task, unroll=self.unroll,
                            guard_empty_steps=guard_empty_steps)
 
   def evaluate(self, state: steps.TrainState):
     return self._fns.evaluate(state, *self.eval_inputs(), task=self.task, unroll=self.unroll)
 
 
-class DeviceMode(InputMode):
+class DeviceExecutor(Executor):
   """The dataset lives on the device; each scanned step gathers its batch there."""
-  resident = True
+  get_batch = staticmethod(steps.gather)
 
   def __init__(self, splits, **kwargs):
     super().__init__(splits, **kwargs)
@@ -146,7 +149,7 @@ class DeviceMode(InputMode):
     return (self._eval, self._put_plan(self.eval_chunks[0], batch_axis=1))
 
 
-class TfDataMode(InputMode):
+class TfDataExecutor(Executor):
   """tf.data gathers and stacks the planned batches on the host and prefetches them."""
 
   def __init__(self, splits, **kwargs):
@@ -156,7 +159,7 @@ class TfDataMode(InputMode):
   def _batches(self, split, chunks, batch_axis=None):
     local_chunks = [self.local_columns(chunk) for chunk in chunks]  # Read only our examples.
     for batches in input_pipeline.tf_batches(split, local_chunks):
-      yield ({k: self.put_batch(v, batch_axis) for k, v in batches.items()},)
+      yield None, {k: self.put_batch(v, batch_axis) for k, v in batches.items()}
 
   def train_inputs(self, chunks):
     return self._batches(self.train, chunks)
@@ -165,7 +168,19 @@ class TfDataMode(InputMode):
     return next(self._batches(self.eval, self.eval_chunks, batch_axis=1))
 
 
-INPUT_MODES = {'device': DeviceMode, 'tfdata': TfDataMode}
+INPUT_MODES = {'device': DeviceExecutor, 'tfdata': TfDataExecutor}
+
+
+# The config fields that config.backend_overrides may set per backend.
+BACKEND_FIELDS = ('steps_per_call', 'scan_unroll')
+
+
+def for_backend(config, backend: str | None = None) -> dict:
+  """steps_per_call and scan_unroll on `backend` (default: JAX's): the config's, or
+  config.backend_overrides.<backend>'s where that sets them (configs/cnn.py unrolls its steps on
+  XLA:CPU, where that makes convolutions fast, and not on a GPU, where it only slows compiling)."""
+  overrides = config.get('backend_overrides', {}).get(backend or jax.default_backend(), {})
+  return {name: overrides.get(name, config[name]) for name in BACKEND_FIELDS}
 
 
 def resolve(name: str, splits: dict[str, input_pipeline.Split]) -> str:
@@ -175,5 +190,5 @@ def resolve(name: str, splits: dict[str, input_pipeline.Split]) -> str:
   return 'device' if nbytes <= RESIDENT_MAX_BYTES else 'tfdata'
 
 
-def create(name: str, splits: dict[str, input_pipeline.Split], **kwargs) -> InputMode:
+def create(name: str, splits: dict[str, input_pipeline.Split], **kwargs) -> Executor:
   return INPUT_MODES[resolve(name, splits)](splits, **kwargs)
