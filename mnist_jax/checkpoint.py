@@ -3,7 +3,7 @@
 A checkpoint holds two items: 'state', the whole training state (params, the model's other
 collections, optimizer state, step, RNG) and the running metric sums of the current epoch; and
 'run', what the run was made with (the config fields that give the step and the state their
-meaning, and the steps per epoch: `train.run_identity`). The position in the data needs no
+meaning, and the steps per epoch: `run_record`). The position in the data needs no
 saving: the data order is a pure function of (seed, epoch), so the step alone says where to
 continue, as long as the run is the same run; a workdir whose 'run' differs from the config is
 refused before anything is written (`IncompatibleCheckpoint`), naming the fields that differ.
@@ -27,6 +27,7 @@ Crash safety (tests/test_crash_safety.py):
 import contextlib
 import datetime
 import errno
+import json
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from mnist_jax.infra import errors
@@ -58,6 +60,36 @@ _COMMIT_MARK = 'commit_success.txt'
 
 
 STATE, RUN = 'state', 'run'  # The items of a checkpoint.
+
+
+# Config fields a resumed run may change: they leave what a saved step and state mean as it
+# was (more epochs continue the training). Every other field, and the examples and steps per
+# epoch, must match the checkpoints' (`Checkpointer.check_run`).
+RESUMABLE_FIELDS = ('num_epochs', 'eval_split', 'eval_batch_size', 'data_dir', 'download',
+                    'cache_dir', 'input_mode', 'steps_per_call', 'scan_unroll',
+                    'checkpoint_every_steps', 'checkpoint_keep', 'checkpoint_async',
+                    'write_tensorboard', 'write_report', 'profile', 'backend_overrides')
+
+
+def run_record(config: ml_collections.ConfigDict, train_examples: int,
+               steps_per_epoch: int) -> dict:
+  """What every checkpoint records of its run: each config field, flattened
+  ('model.features': [32, 64]), and the number of training examples and steps per epoch."""
+  def flatten(tree, prefix=''):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+
+  record = dict(flatten(config.to_dict()), train_examples=train_examples,
+                steps_per_epoch=steps_per_epoch)
+  return json.loads(json.dumps(record))  # As JSON gives it back: tuples are lists.
+
+
+def identity(record: dict) -> dict:
+  """What a run is: its record less the fields a resumed run may change (RESUMABLE_FIELDS)."""
+  return {k: v for k, v in record.items() if k.split('.')[0] not in RESUMABLE_FIELDS}
 
 
 class Checkpointer:
@@ -136,11 +168,11 @@ class Checkpointer:
           + (' from it.' if intact else '.'))
       raise self._failed from None
 
-  def check_run(self, run: dict, may_differ: tuple[str, ...] = ()) -> dict | None:
+  def check_run(self, record: dict) -> dict | None:
     """The 'run' item of the newest checkpoint that has a readable one (None: no checkpoint).
 
-    Raises IncompatibleCheckpoint if it was made by another run than `run` describes, naming
-    every field that differs, except those in `may_differ`.
+    Raises IncompatibleCheckpoint if it was made by another run than `record` (`run_record`)
+    describes, naming every field of `identity` that differs.
     """
     for step in reversed(self.steps()):
       try:
@@ -148,10 +180,10 @@ class Checkpointer:
             **{RUN: ocp.args.JsonRestore()}))[RUN]
       except Exception:  # pylint: disable=broad-except  (restore_latest says which is bad)
         continue
-      changed = sorted(k for k in set(saved) | set(run)
-                       if saved.get(k) != run.get(k) and k not in may_differ)
+      was, now = identity(saved), identity(record)
+      changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
       if changed:
-        fields = '; '.join(f'{k}: saved {saved.get(k, "(none)")!r}, now {run.get(k, "(none)")!r}'
+        fields = '; '.join(f'{k}: saved {was.get(k, "(none)")!r}, now {now.get(k, "(none)")!r}'
                            for k in changed)
         raise IncompatibleCheckpoint(
             f'{self.directory} holds checkpoints of another run, and resuming it would change '

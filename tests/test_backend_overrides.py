@@ -1,12 +1,13 @@
 """config.backend_overrides: steps_per_call and scan_unroll per backend, and nothing else."""
 
 import importlib
-import types
 
 import jax
 import pytest
 import tensorflow_datasets as tfds
 
+from mnist_jax import checkpoint
+from mnist_jax import executor
 from mnist_jax.infra import errors
 from mnist_jax import train
 from mnist_jax import validation
@@ -26,9 +27,9 @@ def shipped(name: str):
 def test_each_backend_gets_its_values(name, cpu, gpu):
   config = shipped(name)
   as_pair = lambda d: (d['steps_per_call'], d['scan_unroll'])
-  assert as_pair(train.for_backend(config, 'cpu')) == cpu
-  assert as_pair(train.for_backend(config, 'gpu')) == gpu
-  assert as_pair(train.for_backend(config, 'tpu')) == cpu  # No TPU entry: the config's own.
+  assert as_pair(executor.for_backend(config, 'cpu')) == cpu
+  assert as_pair(executor.for_backend(config, 'gpu')) == gpu
+  assert as_pair(executor.for_backend(config, 'tpu')) == cpu  # No TPU entry: the config's own.
   validation.validate(config)
 
 
@@ -40,14 +41,14 @@ def test_setup_runs_the_steps_as_this_backend_is_told(mlp_config):
   with tfds.testing.mock_data(num_examples=16):
     run = train.setup(mlp_config)
   expected = dict(cpu=2, gpu=3)[jax.default_backend()]
-  assert run.mode.steps_per_call == expected and run.mode.unroll == expected
+  assert run.executor.steps_per_call == expected and run.executor.unroll == expected
 
 
 def test_a_config_without_the_field_runs_as_before(mlp_config):
   del mlp_config['backend_overrides']  # A config file written before the field existed.
   mlp_config.update(steps_per_call=4, scan_unroll=2)
   validation.validate(mlp_config)
-  assert train.for_backend(mlp_config, 'gpu') == dict(steps_per_call=4, scan_unroll=2)
+  assert executor.for_backend(mlp_config, 'gpu') == dict(steps_per_call=4, scan_unroll=2)
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -71,10 +72,10 @@ def test_bad_overrides_are_refused_in_one_line(mlp_config, overrides, message):
 def test_a_resumed_run_may_change_them():
   """What a run is (checked against its checkpoints on resume) leaves them out, like
   steps_per_call and scan_unroll themselves: they change how steps run, not what they do."""
-  mode = types.SimpleNamespace(train=range(60), steps_per_epoch=5)
+  is_run = lambda config: checkpoint.identity(checkpoint.run_record(config, 60, 5))
   before, after = shipped('cnn'), shipped('cnn')
   after.backend_overrides = dict(cpu=dict(steps_per_call=3, scan_unroll=1))
   after.scan_unroll = 2
-  assert train.run_identity(before, mode) == train.run_identity(after, mode)
+  assert is_run(before) == is_run(after)
   after.batch_size = 256  # While a field that is not resumable still counts.
-  assert train.run_identity(before, mode) != train.run_identity(after, mode)
+  assert is_run(before) != is_run(after)
