@@ -159,7 +159,7 @@ def load_config(path: str, **overrides):
 def time_epochs(config, num_epochs: int) -> dict:
   """Trains in-process; times the epochs (the first includes compilation)."""
   run = train.setup(config)
-  mode, state = run.mode, run.state
+  mode, state = run.executor, run.state
   epoch_seconds, sums = [], None
   for epoch in range(num_epochs):
     start = time.perf_counter()
@@ -180,10 +180,10 @@ def measure_mode(config_path: str, mode: str, peak: float, epochs: int) -> dict:
   run, seconds = result['run'], result['epoch_seconds']
   steady = statistics.median(seconds[1:])
   xla_flops, analytic = step_flops(run, config.batch_size)
-  flops_per_epoch = analytic * run.mode.steps_per_epoch
+  flops_per_epoch = analytic * run.executor.steps_per_epoch
   return dict(
       input_mode=mode, compile_and_first_epoch_s=seconds[0], compile_s=seconds[0] - steady,
-      steady_s_per_epoch=steady, examples_per_s=len(run.mode.train) / steady,
+      steady_s_per_epoch=steady, examples_per_s=len(run.executor.train) / steady,
       step_mflop_analytic=analytic / 1e6, step_mflop_xla=xla_flops / 1e6,
       epoch_gflop=flops_per_epoch / 1e9,
       gflops=flops_per_epoch / steady / 1e9, fraction_of_peak=flops_per_epoch / steady / 1e9 / peak,

@@ -9,7 +9,7 @@ Adding a metric means adding a function here and its name to `config.metrics`: t
 line, metrics.jsonl, TensorBoard, summary.json and the report all follow from that.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -85,3 +85,19 @@ def summarize(sums: Mapping[str, Any], prefix: str = '',
     summary[f'{prefix}{k}_per_replica'] = [float(x) for x in v]
     summary[f'{prefix}{k}_std'] = float(np.std(v[alive])) if alive.any() else float('nan')
   return summary
+
+
+def headline(value_names: Sequence[str]) -> str:
+  """The value a run reports first (its last line, a report's title, a sweep's best): the
+  first metric after the loss, else the loss."""
+  return value_names[1] if len(value_names) > 1 else value_names[0]
+
+
+def best_first(scores: Sequence[float], name: str,
+               alive: Sequence[bool] | None = None) -> list[int]:
+  """Indices of `scores` (values of the metric `name`), best first: the highest, or the
+  lowest for a loss; those not `alive` (diverged) last, in their order."""
+  alive = [True] * len(scores) if alive is None else list(alive)
+  sign = 1.0 if name == 'loss' else -1.0
+  return sorted(range(len(scores)), key=lambda i: (not alive[i], sign * float(scores[i])
+                                                   if alive[i] else 0.0))

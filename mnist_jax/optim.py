@@ -16,6 +16,7 @@ import inspect
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from mnist_jax import sweeps
@@ -94,3 +95,19 @@ def _chain(config: ml_collections.ConfigDict, total_steps: int,
     schedule = create_schedule(config, total_steps)
   tx = make(learning_rate=schedule, **kwargs)
   return optax.chain(*chain, tx) if chain else tx
+
+
+def warn_if_the_schedule_moved(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                               saved_epochs: int, step: int) -> None:
+  """More (or fewer) epochs than the checkpoints' run: say so if the learning rate from here
+  on differs from the one that run would have used (a schedule that spans the run)."""
+  if saved_epochs == config.num_epochs:
+    return
+  old, new = (create_schedule(config, steps_per_epoch * e)
+              for e in (saved_epochs, config.num_epochs))
+  ahead = np.linspace(step, steps_per_epoch * min(saved_epochs, config.num_epochs),
+                      16).astype(int)
+  if not np.allclose([old(s) for s in ahead], [new(s) for s in ahead], rtol=1e-6, atol=0):
+    print(f'warning: num_epochs is {config.num_epochs}, the checkpoints\' run had '
+          f'{saved_epochs}: from step {step} on, the learning-rate schedule follows the new '
+          f'length ({steps_per_epoch * config.num_epochs} steps).', flush=True)

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from mnist_jax import metrics
 from mnist_jax.infra import storage
 
 FIGSIZE = (16, 10)  # Inches.
@@ -47,9 +48,8 @@ def metric_names(record: dict) -> list[str]:
 
 
 def headline(record: dict) -> str:
-  """The metric a title reports: the first one after the loss (else the loss)."""
-  names = metric_names(record)
-  return names[1] if len(names) > 1 else names[0]
+  """The metric a title reports (`metrics.headline`)."""
+  return metrics.headline(metric_names(record))
 
 
 def confusion_matrix(labels_N: np.ndarray, predicted_N: np.ndarray,
@@ -233,10 +233,10 @@ def _markdown(history, summary, config, png_name: str) -> str:
 
 def _replica_table(summary: dict, names: list[str]) -> list[str]:
   """Every replica, best first by the headline test metric (lowest first for a loss)."""
-  key = names[1] if len(names) > 1 else names[0]
-  sign = 1 if key == 'loss' else -1
-  rows = sorted(summary['replicas'], key=lambda r: (r['diverged_at_step'] is not None,
-                                                    sign * r[f'test_{key}']))
+  key, replicas = metrics.headline(names), summary['replicas']
+  order = metrics.best_first([r[f'test_{key}'] for r in replicas], key,
+                             [r['diverged_at_step'] is None for r in replicas])
+  rows = [replicas[i] for i in order]
   fields = list(rows[0]['hparams'])
   header = [*fields, 'seed', *(f'test {n}' for n in names), 'diverged at step']
   lines = ['## Replicas, best first', '', '| ' + ' | '.join(header) + ' |',

@@ -20,11 +20,14 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 import numpy as np
 import optax
+
+from mnist_jax import metrics
 
 # Sweepable fields that are not optimizer arguments, and where each lives in the config.
 CONFIG_FIELDS = {'learning_rate': 'learning_rate', 'weight_decay': 'weight_decay',
@@ -129,3 +132,79 @@ def assign(state, hparams: dict[str, Any]):
         for k, v in opt_state.hyperparams.items()})
   loss = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items() if k in LOSS_FIELDS}
   return state.replace(opt_state=opt_state, loss_hparams=loss)
+
+
+# --- The replicas of a run, side by side: their bookkeeping ---------------------------------
+
+
+@dataclasses.dataclass
+class Replicas:
+  """The replicas a run trains at once (one for a plain run), and what the loop keeps of them.
+
+  State and results carry a leading replica axis [R, ...] when R > 1. In a sweep, a replica
+  whose loss or parameters go non-finite is marked diverged (`diverged`, per replica the step
+  it diverged at, 0 while it has not; `steps.check_finite` marks it) and the others train on;
+  seeds alone share a fate: one non-finite replica stops the run.
+  """
+  items: list[Replica]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'Replicas':
+    return cls(replicas(config))
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  @property
+  def names(self) -> list[str]:
+    return [r.name for r in self.items]
+
+  @property
+  def sweeping(self) -> bool:
+    """Several replicas of swept values (a one-value sweep is a single run)."""
+    return len(self.items) > 1 and bool(self.items[0].hparams)
+
+  def no_divergence(self) -> np.ndarray | None:
+    """Per replica of a sweep, 0 (none diverged yet); None without a sweep."""
+    return np.zeros(len(self.items), np.int32) if self.sweeping else None
+
+  def pick(self, tree, i: int):
+    """Replica i of a state or result (the tree itself for a single run)."""
+    return tree if len(self.items) == 1 else jax.tree.map(lambda x: x[i], tree)
+
+  @staticmethod
+  def alive(diverged: np.ndarray | None) -> np.ndarray | None:
+    return None if diverged is None else np.asarray(diverged) == 0
+
+  def epoch_summary(self, record: dict, diverged: np.ndarray | None, headline: str) -> dict:
+    """With several replicas: how many are alive and, for a sweep, the best of them by the
+    headline test metric, and the step each diverged at."""
+    if len(self.items) == 1:
+      return {}
+    alive = np.ones(len(self.items), bool) if diverged is None else diverged == 0
+    out = dict(replicas_alive=int(alive.sum()))
+    if not self.sweeping:
+      return out
+    scores = record[f'test_{headline}_per_replica']
+    best = metrics.best_first(scores, headline, alive)[0]
+    out['best'] = dict(replica=self.items[best].name, index=best,
+                       **{f'test_{headline}': scores[best]})
+    out['diverged_at_step'] = [int(d) if d else None for d in diverged]
+    return out
+
+  def final_summary(self, config, params_and_model_state, record: dict,
+                    value_names: Sequence[str]) -> dict:
+    """Each replica's fingerprint and, as a table, its values, seed and test results."""
+    from mnist_jax import writers  # pylint: disable=g-import-not-at-top
+    fingerprints = [writers.fingerprint(*self.pick(params_and_model_state, i))
+                    for i in range(len(self.items))]
+    diverged = record.get('diverged_at_step', [None] * len(self.items))
+    table = [dict(replica=r.name, hparams=r.hparams, seed=r.seed,
+                  **{f'test_{n}': record[f'test_{n}_per_replica'][i] for n in value_names},
+                  param_fingerprint=fingerprints[i], diverged_at_step=diverged[i])
+             for i, r in enumerate(self.items)]
+    out = dict(param_fingerprint_per_replica=fingerprints, replicas=table,
+               replicas_alive=record['replicas_alive'])
+    if self.sweeping:
+      out.update(best=record['best'], swept=swept(config))
+    return out

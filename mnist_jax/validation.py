@@ -12,7 +12,7 @@ import optax
 
 from mnist_jax import augment
 from mnist_jax.infra import errors
-from mnist_jax import input_modes
+from mnist_jax import executor
 from mnist_jax import losses
 from mnist_jax import metrics
 from mnist_jax import models
@@ -23,8 +23,22 @@ def _is_positive_number(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+def _is_int(x: Any) -> bool:
+  """An integer, and not a bool (True is an int to Python, never a size or a count here)."""
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _is_positive_int(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) and x > 0
+  return _is_int(x) and x > 0
+
+
+def _is_int_at_least_0(x: Any) -> bool:
+  return _is_int(x) and x >= 0
+
+
+def _is_fraction(x: Any) -> bool:
+  """A number in [0, 1)."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1
 
 
 def _is_finite_number(x: Any) -> bool:
@@ -51,16 +65,14 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('batch_size', _is_positive_int, 'an integer > 0'),
     ('eval_batch_size', _is_positive_int, 'an integer > 0'),
     ('num_epochs', _is_positive_int, 'an integer > 0'),
-    ('seed', lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
-     'an integer >= 0'),
-    ('checkpoint_every_steps', lambda x: isinstance(x, int) and x >= 0,
+    ('seed', _is_int_at_least_0, 'an integer >= 0'),
+    ('checkpoint_every_steps', _is_int_at_least_0,
      'an integer >= 0 (0: at the end of every epoch)'),
     ('checkpoint_keep', _is_positive_int, 'an integer > 0'),
     ('num_seeds', _is_positive_int, 'an integer > 0'),
-    ('steps_per_call', lambda x: isinstance(x, int) and x >= 0, 'an integer >= 0 (0: an epoch)'),
+    ('steps_per_call', _is_int_at_least_0, 'an integer >= 0 (0: an epoch)'),
     ('scan_unroll', _is_positive_int, 'an integer > 0'),
-    ('optimizer_kwargs.decay', lambda x: isinstance(x, (int, float)) and 0 <= x < 1,
-     'a number in [0, 1)'),
+    ('optimizer_kwargs.decay', _is_fraction, 'a number in [0, 1)'),
     ('optimizer_kwargs.eps', _is_positive_number, 'a finite number > 0'),
     ('optimizer', _named_in(optax), 'an optax optimizer, e.g. sgd, adam, adamw, rmsprop'),
     ('lr_schedule', _named_in(optax),
@@ -69,24 +81,22 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('model.kernel_init', _named_in(jax.nn.initializers),
      'a jax.nn.initializers name, e.g. glorot_uniform, lecun_normal, he_normal'),
     ('model.bias_init', _named_in(jax.nn.initializers), 'a jax.nn.initializers name, e.g. zeros'),
-    ('input_mode', lambda x: x == 'auto' or x in input_modes.INPUT_MODES,
-     f"one of auto, {', '.join(input_modes.INPUT_MODES)}"),
+    ('input_mode', lambda x: x == 'auto' or x in executor.INPUT_MODES,
+     f"one of auto, {', '.join(executor.INPUT_MODES)}"),
     ('loss', lambda x: x in losses.LOSSES, f"one of {', '.join(losses.LOSSES)}"),
-    ('loss_kwargs.label_smoothing', lambda x: isinstance(x, (int, float)) and 0 <= x < 1,
-     'a number in [0, 1)'),
+    ('loss_kwargs.label_smoothing', _is_fraction, 'a number in [0, 1)'),
     ('metrics', _metric_names,
      f"a tuple of distinct names among {', '.join(metrics.METRICS)}"),
     ('augment', lambda x: isinstance(x, str),
      "a string of ops like 'shift(2)|rotate(10)', or '' for none"),
     ('grad_clip_norm', _is_number_at_least_0, 'a finite number >= 0 (0: no clipping)'),
     ('weight_decay', _is_number_at_least_0, 'a finite number >= 0 (0: none)'),
-    ('warmup_steps', lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
-     'an integer >= 0 (0: no warmup)'),
+    ('warmup_steps', _is_int_at_least_0, 'an integer >= 0 (0: no warmup)'),
 ]
 
 # What config.backend_overrides.<backend> may set: how the steps run, never what they compute.
 BACKENDS = ('cpu', 'gpu', 'tpu')
-BACKEND_FIELDS = ('steps_per_call', 'scan_unroll')
+BACKEND_FIELDS = executor.BACKEND_FIELDS
 
 # Set elsewhere in the config (optim.py passes them to the optimizer itself).
 _OPTIMIZER_ARGS_FROM_CONFIG = {'learning_rate': 'learning_rate and lr_schedule',

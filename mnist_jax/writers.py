@@ -47,16 +47,6 @@ def versions() -> dict[str, str]:
               process_count=str(jax.process_count()))
 
 
-def write_json(path: epath.Path, obj: Any) -> None:
-  """Writes atomically (locally or to object storage), so a reader (or a killed run) never
-  sees half a file."""
-  storage.write_json_atomic(path, obj)
-
-
-def read_json(path: epath.Path) -> Any:
-  return json.loads(epath.Path(path).read_text())
-
-
 def read_history(workdir: epath.Path) -> list[dict]:
   """The per-epoch records of metrics.jsonl; a resumed run's repeated epoch counts once."""
   by_epoch = {}

@@ -43,6 +43,26 @@ def load_config_module(path: pathlib.Path = MLP_CONFIG_PATH):
   return module
 
 
+def shrink(config, **overrides):
+  """A config shrunk to the tiny job the tests train: hidden (8,), batches of 8, eval batches
+  of 12, 2 epochs, no TensorBoard or report, caches off, downloads refused; then `overrides`,
+  by dotted name ('model.hidden_sizes', 'sweep.learning_rate')."""
+  config.cache_dir = 'none'
+  config.download = False
+  if 'hidden_sizes' in config.model:
+    config.model.hidden_sizes = (8,)
+  config.batch_size, config.eval_batch_size, config.num_epochs = 8, 12, 2
+  config.write_tensorboard = config.write_report = False
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def tiny_config(name: str = 'mlp', **overrides):
+  """configs/<name>.py, shrunk (`shrink`): the one tiny config of the suite."""
+  return shrink(load_config_module(REPO_ROOT / 'configs' / f'{name}.py').get_config(),
+                **overrides)
+
+
 def real_data_available() -> bool:
   return any((REAL_DATA_DIR / 'mnist').glob('*/mnist-train.tfrecord*'))
 

@@ -436,14 +436,15 @@ def _install_hooks(spec: dict, log) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
   from mnist_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mnist_jax import input_modes  # pylint: disable=g-import-not-at-top
+  from mnist_jax import executor  # pylint: disable=g-import-not-at-top
   from mnist_jax import writers  # pylint: disable=g-import-not-at-top
   from mnist_jax import train  # pylint: disable=g-import-not-at-top
+  from mnist_jax.infra import storage  # pylint: disable=g-import-not-at-top
 
   faults = _Faults(spec['faults'], log)
   record = open(spec['record'], 'a') if spec['record'] else None
 
-  original_train_call = input_modes.InputMode.train_call
+  original_train_call = executor.Executor.train_call
 
   def train_call(self, state, *args, **kwargs):
     nan = 'NAN' in faults.hit('before_train_call')
@@ -473,7 +474,7 @@ def _install_hooks(spec: dict, log) -> None:
     faults.fire('train_call')
     return state, sums, per_step
 
-  input_modes.InputMode.train_call = train_call
+  executor.Executor.train_call = train_call
 
   original_save = checkpoint.Checkpointer.save
 
@@ -502,13 +503,8 @@ def _install_hooks(spec: dict, log) -> None:
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
   if spec['state_file']:
-    original_finish = train._finish  # pylint: disable=protected-access
-
-    def finish(workdir, config, run, state, *args, **kwargs):
-      writers.write_json(pathlib.Path(spec['state_file']), state_fingerprints(state))
-      return original_finish(workdir, config, run, state, *args, **kwargs)
-
-    train._finish = finish  # pylint: disable=protected-access
+    train.AFTER_TRAINING.append(lambda state: storage.write_json_atomic(
+        pathlib.Path(spec['state_file']), state_fingerprints(state)))
 
 
 def state_fingerprints(state) -> dict[str, Any]:

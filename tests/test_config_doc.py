@@ -10,7 +10,7 @@ import pytest
 
 from mnist_jax import config_doc
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT  # pylint: disable=g-import-not-at-top
 MLP_CONFIG_PATH = str(REPO_ROOT / 'configs' / 'mlp.py')
 
 EXAMPLE_CONFIG = '''

@@ -1,6 +1,7 @@
 """Optimizers and schedules by name, and the chain built around them from the config:
 gradient clipping, weight decay that leaves biases and norm scales alone, linear warmup."""
 
+import json
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -158,7 +159,7 @@ def test_whole_chain_trains_on_mock_data(tmp_path, mlp_config, monkeypatch):
   assert calls == [2 * STEPS_PER_EPOCH]  # The schedule spans the whole run.
   assert summary['steps'] == 2 * STEPS_PER_EPOCH
   assert np.isfinite(summary['test_loss'])
-  written = writers.read_json(workdir / 'config.json')
+  written = json.loads((workdir / 'config.json').read_text())
   assert written['optimizer_kwargs'] == {'b1': 0.8}
   assert (written['weight_decay'], written['grad_clip_norm'], written['warmup_steps']) == (
       0.05, 1.0, 2)

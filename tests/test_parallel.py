@@ -1,7 +1,7 @@
 """Data parallelism and multi-process runs give the single-device run's numbers.
 
 The global batch is split over all devices along the mesh's 'data' axis and the state is
-replicated (mnist_jax/input_modes.py), so the number of devices, and of processes, must change
+replicated (mnist_jax/executor.py), so the number of devices, and of processes, must change
 nothing but the order of float sums: the same per-step losses, metrics and final parameters to
 float tolerance. Every run here happens in a fresh process (tests/parallel_utils.py), since the
 fake CPU device count and the distributed runtime are fixed when JAX's backend starts:

@@ -3,9 +3,10 @@
 import pathlib
 import re
 
+from conftest import REPO_ROOT
 from mnist_jax import config_doc
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 
 
 def test_readme_config_table_matches_the_config():
@@ -44,6 +45,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conftest import shrink  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mnist_jax import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mnist_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mnist_jax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -69,12 +71,7 @@ def add_to_module(module, registry: str, tag: str, monkeypatch):
   return namespace
 
 
-def tiny(config):
-  config.model.hidden_sizes = (8,)
-  config.batch_size, config.eval_batch_size, config.num_epochs = 8, 12, 2
-  config.write_tensorboard = False
-  config.write_report = False
-  return config
+tiny = shrink  # tiny(config): conftest's tiny job.
 
 
 def run(config, workdir):

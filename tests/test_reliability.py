@@ -15,7 +15,6 @@ import pathlib
 import shutil
 import socket
 import subprocess
-import types
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from crash_utils import Fault
 from mnist_jax import checkpoint
 from mnist_jax.infra import errors
 from mnist_jax import input_pipeline
+from mnist_jax import optim
 from mnist_jax import train
 from mnist_jax.infra import workdir as workdir_lib
 from mnist_jax import writers
@@ -256,18 +256,18 @@ def test_checkpoints_record_what_they_were_made_with(runs):
                      .read_text())
   assert saved['batch_size'] == cu.BATCH_SIZE and saved['steps_per_epoch'] == 5
   assert saved['model.hidden_sizes'] == [8] and saved['num_epochs'] == cu.NUM_EPOCHS
-  assert 'checkpoint_keep' not in saved  # Safe to change: not part of what the run is.
+  # Safe to change: not part of what the run is.
+  assert 'checkpoint_keep' not in checkpoint.identity(saved)
 
 
 def test_the_schedule_warning_when_more_epochs_stretch_a_decay(capsys, mlp_config):
   """Not a refusal: a decaying schedule over the run's steps now spans more of them."""
   mlp_config.lr_schedule = 'cosine_decay_schedule'
-  run = types.SimpleNamespace(mode=types.SimpleNamespace(steps_per_epoch=10))
   mlp_config.num_epochs = 4
-  train._warn_if_the_schedule_moved(mlp_config, run, saved_epochs=3, step=30)  # pylint: disable=protected-access
+  optim.warn_if_the_schedule_moved(mlp_config, 10, saved_epochs=3, step=30)
   assert 'the learning-rate schedule follows the new length (40 steps)' in capsys.readouterr().out
   mlp_config.lr_schedule = 'constant_schedule'
-  train._warn_if_the_schedule_moved(mlp_config, run, saved_epochs=3, step=30)  # pylint: disable=protected-access
+  optim.warn_if_the_schedule_moved(mlp_config, 10, saved_epochs=3, step=30)
   assert capsys.readouterr().out == ''
 
 
@@ -352,7 +352,7 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, mlp_config, monkeypatch
   mlp_config.model.hidden_sizes = (4,)
   mlp_config.num_epochs, mlp_config.batch_size, mlp_config.eval_batch_size = 1, 8, 12
   with tfds.testing.mock_data(num_examples=16):
-    with pytest.raises(train.DiskFull, match='no space left on device writing .*metrics.jsonl'):
+    with pytest.raises(workdir_lib.DiskFull, match='no space left on device writing .*metrics.jsonl'):
       train.train_and_evaluate(mlp_config, str(tmp_path))
 
 

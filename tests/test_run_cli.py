@@ -152,3 +152,16 @@ def test_the_program_leaves_the_distributed_runtime_with_its_peers_only_on_an_ag
   run._exit(1)  # pylint: disable=protected-access
   assert calls == [('leave', True), ('exit', 0), ('leave', True), ('exit', 143),
                    ('leave', False), ('exit', 1)]
+
+
+def test_a_misspelt_field_is_named_with_its_close_match(python, subprocess_env):
+  """run.py rewrites ml_collections' 'Did you mean' message into one line; this pins the
+  wording it reads, so a reworded ml_collections fails here, not in front of a user."""
+  result = subprocess.run(
+      [python, str(REPO_ROOT / 'run.py'), f'--config={MLP_CONFIG_PATH}',
+       '--config.learnin_rate=0.1'], capture_output=True, text=True, env=subprocess_env,
+      cwd=REPO_ROOT, timeout=600)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: the config has no field 'learnin_rate'; did you mean 'learning_rate'? "
+      '(python run.py --help lists the flags and config fields)']

@@ -15,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import MLP_CONFIG_PATH
+from conftest import shrink
 from mnist_jax.infra import errors
 from mnist_jax import optim
 from mnist_jax import sweeps
@@ -25,12 +26,7 @@ NUM_EXAMPLES = 24
 TOL = dict(rel=1e-5, abs=1e-6)
 
 
-def tiny(config, **fields):
-  config.model.hidden_sizes = (8,)
-  config.batch_size, config.eval_batch_size, config.num_epochs = 8, 12, 2
-  config.write_tensorboard = config.write_report = False
-  config.update_from_flattened_dict(fields)  # Dotted names: 'sweep.learning_rate'.
-  return config
+tiny = shrink  # tiny(config, **dotted overrides): conftest's tiny job.
 
 
 def run(config, workdir):

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import tiny_config
 from mnist_jax import train
 
 NUM_TRAIN = NUM_TEST = 50  # mock_data gives every split this many examples.
@@ -22,18 +23,11 @@ NUM_PARAMS = 28 * 28 * 1 * HIDDEN + HIDDEN + HIDDEN * 10 + 10  # 25,450
 
 
 def small_config(**overrides):
-  from conftest import load_config_module
-  config = load_config_module().get_config()
-  config.cache_dir = 'none'
-  config.download = False
-  config.model.hidden_sizes = (HIDDEN,)
-  config.batch_size = BATCH_SIZE
-  config.eval_batch_size = EVAL_BATCH_SIZE
-  config.num_epochs = NUM_EPOCHS
-  config.steps_per_call = STEPS_PER_CALL
-  for key, value in overrides.items():
-    setattr(config, key, value)
-  return config
+  """The tiny config at this module's sizes, with TensorBoard and the report on."""
+  return tiny_config(**{'model.hidden_sizes': (HIDDEN,), 'batch_size': BATCH_SIZE,
+                        'eval_batch_size': EVAL_BATCH_SIZE, 'num_epochs': NUM_EPOCHS,
+                        'steps_per_call': STEPS_PER_CALL, 'write_tensorboard': True,
+                        'write_report': True, **overrides})
 
 
 def read_run(workdir):

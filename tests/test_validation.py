@@ -64,3 +64,15 @@ def test_train_refuses_before_writing_anything(mlp_config, tmp_path, path, value
   assert not workdir.exists()
   assert list(tmp_path.iterdir()) == []
 
+
+
+@pytest.mark.parametrize('path', ['checkpoint_every_steps', 'steps_per_call', 'seed',
+                                  'warmup_steps', 'optimizer_kwargs.decay',
+                                  'loss_kwargs.label_smoothing'])
+def test_a_bool_is_no_number_for_any_rule(mlp_config, path):
+  """True is an int to Python; every rule refuses it alike (some let it through before)."""
+  mlp_config.loss_kwargs = dict(label_smoothing=0.0)
+  config = mlp_config.to_dict()  # A plain dict: the ConfigDict's field types don't stop it.
+  set_field(config, path, True)
+  with pytest.raises(errors.ConfigError, match=rf'^config\.{re.escape(path)}=True is invalid'):
+    validation.validate(type(mlp_config)(config))

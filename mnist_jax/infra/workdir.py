@@ -87,3 +87,22 @@ def hold(workdir: epath.Path):
     yield
   finally:
     lock.release()
+
+
+class DiskFull(errors.UserError):
+  pass
+
+
+@contextlib.contextmanager
+def guarded(workdir: epath.Path):
+  """A run's time in its workdir: the lock held (`hold`), and an object-storage failure or a
+  full disk inside the block turned into one line; what was written before stays intact."""
+  try:
+    with storage.cloud_errors(workdir), hold(workdir):
+      yield
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise DiskFull(f'no space left on device writing {e.filename or workdir}; what was written '
+                   'before is intact. Free some space, then run the same command again to '
+                   'continue from the last checkpoint.') from None
