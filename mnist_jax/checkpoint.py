@@ -8,7 +8,7 @@ saving: the data order is a pure function of (seed, epoch), so the step alone sa
 continue, as long as the run is the same run; a workdir whose 'run' differs from the config is
 refused before anything is written (`IncompatibleCheckpoint`), naming the fields that differ.
 
-Crash safety (tests/test_crash_safety.py):
+Crash safety (tests/system/test_crash_safety.py):
   * Orbax writes a checkpoint into '<step>.orbax-checkpoint-tmp' and renames it to '<step>' only
     once it is complete, so a process killed mid-save leaves a temporary folder, never a step
     that looks finished; the next start removes such folders before anything else.

@@ -5,7 +5,7 @@ with `--config.num_seeds=2`, all six (value, seed) pairs. Several swept fields m
 Each pair is a *replica*: one vmapped copy of the training state. Its hyperparameters live in
 the state (optax.inject_hyperparams turns the optimizer's into optimizer state; the loss's are
 `TrainState.loss_hparams`), so one compiled program trains all of them, and each replica
-computes what a separate run with its values and seed computes (`tests/test_sweeps.py`).
+computes what a separate run with its values and seed computes (`tests/unit/test_sweeps.py`).
 
 Sweepable: the learning rate (the schedule's peak: the config's schedule built at rate 1 and
 scaled by the value), `weight_decay`, `grad_clip_norm`, the loss's `label_smoothing`, and any

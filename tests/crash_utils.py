@@ -20,7 +20,7 @@ What a child can do besides running run.py (all by wrapping functions in the chi
     write path (its temporary folder just created, or fully written but not yet renamed into
     place), or poison the parameters with NaN before the Nth train call.
 
-Used by tests/test_crash_safety.py and benchmarks/stress_resume.py.
+Used by tests/system/test_crash_safety.py and tests/stress_resume.py.
 """
 
 import atexit

@@ -1,4 +1,4 @@
-"""Runs training in fresh processes for tests/test_parallel.py, and reads back what they did.
+"""Runs training in fresh processes for tests/system/test_parallel.py, and reads back what they did.
 
 XLA reads `--xla_force_host_platform_device_count` once, when JAX's CPU backend starts, and
 `jax.distributed.initialize` must run before that, so every parallel run happens in a new

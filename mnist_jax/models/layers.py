@@ -13,7 +13,7 @@ On CPU the convolutions also need one XLA flag, set for the whole process before
 starts (`infra.process.use_cpu_xla_flags`, called by run.py, the benchmarks and the tests).
 
 Each computes what the Flax layer it replaces computes, values and gradients, with the same
-parameter names, shapes and initial values (tests/test_layers.py).
+parameter names, shapes and initial values (tests/unit/test_layers.py).
 """
 
 from collections.abc import Callable, Sequence

@@ -1,8 +1,8 @@
 """Asks the package index whether the project installs from wheels where we say it does.
 
-    python tests/check_wheels.py                               # the declared ranges
-    python tests/check_wheels.py --constraints constraints.txt # ... and the pinned tested set
-    python tests/check_wheels.py --every-python                # all declared Pythons everywhere
+    python .ci/check_wheels.py                               # the declared ranges
+    python .ci/check_wheels.py --constraints constraints.txt # ... and the pinned tested set
+    python .ci/check_wheels.py --every-python                # all declared Pythons everywhere
 
 For each target (Linux x86_64 at the oldest and the newest Python that `requires-python` allows;
 macOS arm64, Linux aarch64 and Windows amd64 at the newest), every requirement in pyproject.toml

@@ -1,9 +1,10 @@
 r"""Kill training runs at random points, restart them until they finish, compare with a reference.
 
-  python benchmarks/stress_resume.py                 # 20 runs
-  python benchmarks/stress_resume.py --runs 100 --parallel 2 --seed 3
+  python tests/stress_resume.py                 # 20 runs
+  python tests/stress_resume.py --runs 100 --parallel 2 --seed 3
 
-The job is the tiny one of tests/test_crash_safety.py (run.py on TFDS mock data: 36 examples, 15
+A stress run of the crash harness (not a test, nor a benchmark: run it by hand). The job is
+the tiny one of tests/system/test_crash_safety.py (run.py on TFDS mock data: 36 examples, 15
 steps in 3 epochs, calls of 2 steps, a checkpoint every 2 steps, 2 kept). One uninterrupted run is
 the reference. Then every run starts in a fresh workdir and is hurt at a random point: SIGKILL
 after a random train call, just before or just after a random checkpoint save (its asynchronous
@@ -30,8 +31,7 @@ import threading
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / 'tests'))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # crash_utils, beside it.
 
 import crash_utils as cu  # pylint: disable=g-import-not-at-top
 

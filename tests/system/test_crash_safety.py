@@ -584,7 +584,7 @@ def test_checkpointer_refuses_another_optimizer_state(tmp_path):
   assert cu.tree_digest(tmp_path) == before
 
 
-# --- 8. Versions in summary.json (same-config determinism: tests/test_train.py) ---------------
+# --- 8. Versions in summary.json (same-config determinism: tests/unit/test_train.py) ---------------
 
 def test_summary_records_library_and_device_versions(runs):
   summary = cu.read_json(get(runs, 'reference')['workdir'] / 'summary.json')

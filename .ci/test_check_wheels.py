@@ -1,4 +1,4 @@
-"""tests/check_wheels.py without the network: markers per target, what counts as missing.
+""".ci/check_wheels.py without the network: markers per target, what counts as missing.
 
 The index is replaced by fakes: a `query` that knows which (package, target) pairs have a wheel,
 or a `run` that plays pip's part (its report file, its error messages).
