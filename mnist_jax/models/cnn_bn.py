@@ -3,8 +3,8 @@ size, then [Dense -> BatchNorm -> activation -> dropout] per hidden size, then t
 
 It keeps BatchNorm's running statistics in the 'batch_stats' collection (see the model
 contract in models/__init__.py) and takes the batch's mask, so the padding of an epoch's last
-batch never enters them. Nothing else in the package knows about BatchNorm. Its convolution and
-pooling are models/layers.py's (Flax's, with faster CPU paths).
+batch never enters them. Nothing else in the package knows about BatchNorm. Its convolution is
+Flax's `nn.Conv`, its pooling models/layers.py's `max_pool` (as models/cnn.py).
 """
 
 from collections.abc import Sequence
@@ -37,7 +37,7 @@ class Model(nn.Module):
     real = None if mask is None else mask > 0  # [B]: which examples BatchNorm may count.
     x = images_BxHxWxC
     for features in self.features:  # The convolution's bias would only shift BatchNorm's mean.
-      x = layers.Conv(features, (self.kernel_size,) * 2, use_bias=False,
+      x = nn.Conv(features, (self.kernel_size,) * 2, use_bias=False,
                       kernel_init=kernel_init)(x)
       x = act(norm()(x, mask=None if real is None else real[:, None, None, None]))
       x = layers.max_pool(x, (2, 2), strides=(2, 2))
