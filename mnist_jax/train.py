@@ -97,7 +97,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     enable_compilation_cache(cache_dir)
   info, splits = input_pipeline.load(
       config.dataset, config.data_dir, (config.train_split, config.eval_split),
-      download=config.download, cache_dir=cache_dir)
+      download=config.download, cache_dir=cache_dir,
+      image_size=tuple(config.get('image_size', ())))
   model = models.build(config.model, info.num_classes)
   task = steps.Task.from_config(config, model)
   mode_name = input_modes.resolve(config.input_mode, splits)
@@ -126,7 +127,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                   compiler_options=dict(xla_backend_optimization_level=1))(rng, hparams)
   num_params = writers.count_params(state.params) // len(replicas)
   return Setup(info, mode_name, mode, task, state, num_params, cache_dir,
-               run_identity(config, mode), replicas)
+               run_identity(config, mode, info.identity), replicas)
 
 
 def for_backend(config: ml_collections.ConfigDict, backend: str | None = None) -> dict:
@@ -150,9 +151,11 @@ RESUMABLE_FIELDS = ('num_epochs', 'eval_split', 'eval_batch_size', 'data_dir', '
                     'write_tensorboard', 'write_report', 'profile', 'backend_overrides')
 
 
-def run_identity(config: ml_collections.ConfigDict, mode: input_modes.InputMode) -> dict:
-  """The config fields that define the run, flattened ('model.features': [32, 64]), and the
-  number of training examples and steps per epoch."""
+def run_identity(config: ml_collections.ConfigDict, mode: input_modes.InputMode,
+                 dataset_identity: str | None = None) -> dict:
+  """The config fields that define the run, flattened ('model.features': [32, 64]), the
+  number of training examples and steps per epoch, and, for own data, what identifies its
+  files (`DatasetInfo.identity`: a changed folder or .npz is another dataset)."""
   def flatten(tree, prefix=''):
     for key, value in tree.items():
       if key in RESUMABLE_FIELDS and not prefix:
@@ -164,6 +167,8 @@ def run_identity(config: ml_collections.ConfigDict, mode: input_modes.InputMode)
 
   identity = dict(flatten(config.to_dict()), train_examples=len(mode.train),
                   steps_per_epoch=mode.steps_per_epoch)
+  if dataset_identity:
+    identity['dataset_identity'] = dataset_identity
   return json.loads(json.dumps(identity))  # As JSON gives it back: tuples are lists.
 
 
@@ -463,7 +468,7 @@ def _finish(workdir, config, run: Setup, state, record, diverged, train_seconds,
       param_fingerprint=writers.fingerprint(state.params, state.model_state),
       train_seconds=train_seconds, total_seconds=time.perf_counter() - start,
       input_mode=run.mode_name, seed=config.seed, num_seeds=config.num_seeds,
-      versions=writers.versions())
+      class_names=list(run.info.class_names), versions=writers.versions())
   if len(run.replicas) > 1:
     summary.update(_per_replica(config, run, state, record))
   if is_writer:
