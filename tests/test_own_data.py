@@ -463,3 +463,23 @@ def test_report_figure_uses_class_names_and_says_which_are_missing():
   assert 'confusion matrix (10 test examples)\nno test examples of: owl' in texts
   assert {'cat', 'dog', 'owl'} <= set(texts)  # The tick labels.
   assert report.missing_classes(confusion, list(CLASSES)) == ['owl']
+
+
+# --- The README's worked example ----------------------------------------------------------------
+
+def test_readme_save_as_folder_example_makes_a_folder_that_trains(tmp_path):
+  import re  # pylint: disable=g-import-not-at-top
+  readme = (REPO_ROOT / 'README.md').read_text()
+  block = re.search(r'<!-- example: own data folder -->\n```python\n(.*?)```', readme, re.S)
+  namespace = {}
+  exec(block.group(1), namespace)  # pylint: disable=exec-used
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 24), ('test', 6)):
+    labels = np.arange(n) % 3
+    namespace['save_as_folder'](tmp_path / 'root', split,
+                                np.stack([class_image(rng, l) for l in labels]), labels, CLASSES)
+  assert sorted(p.name for p in (tmp_path / 'root' / 'train').iterdir()) == list(CLASSES)
+  summary = train.train_and_evaluate(
+      small_config(f'image_folder:{tmp_path / "root"}', write_report=False),
+      str(tmp_path / 'workdir'))
+  assert summary['class_names'] == list(CLASSES) and summary['steps'] == 8 * 3
