@@ -20,10 +20,18 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # --- Data -------------------------------------------------------------------------------
-  config.dataset = 'mnist'  # Any TFDS image-classification dataset with 'image' and 'label'.
+  # Any TFDS image-classification dataset with 'image' and 'label' (by name, also one written
+  # with tfds.dataset_builders.store_as_tfds_dataset into the data dir), or your own data:
+  # 'image_folder:/path/root' (root/<split>/<class>/*.png|jpg|jpeg) or 'npz:/path/file.npz'
+  # (<split>_images, <split>_labels, optional class_names); README, "Your own data".
+  config.dataset = 'mnist'
   config.data_dir = ''  # TFDS data dir; '' means $TFDS_DATA_DIR, else TFDS's default.
-  config.train_split = 'train'  # TFDS split to train on.
-  config.eval_split = 'test'  # TFDS split to evaluate on after every epoch.
+  # Split to train on; sliced as TFDS slices, for every kind of dataset: 'train[:90%]'.
+  config.train_split = 'train'
+  # Split to evaluate on after every epoch, e.g. 'train[90%:]' for a validation set.
+  config.eval_split = 'test'
+  # (H, W) to resize every image to (bilinear); () keeps the images' own size.
+  config.image_size = ()
   config.download = True  # Let TFDS download and prepare the dataset when it is missing.
   # Decoded arrays and compiled programs are cached here; '' means $MNIST_JAX_CACHE, else
   # ~/.cache/mnist_jax; 'none' turns both caches off.

@@ -71,10 +71,12 @@ RESUMABLE_FIELDS = ('num_epochs', 'eval_split', 'eval_batch_size', 'data_dir', '
                     'write_tensorboard', 'write_report', 'profile', 'backend_overrides')
 
 
-def run_record(config: ml_collections.ConfigDict, train_examples: int,
-               steps_per_epoch: int) -> dict:
+def run_record(config: ml_collections.ConfigDict, train_examples: int, steps_per_epoch: int,
+               dataset_identity: str | None = None) -> dict:
   """What every checkpoint records of its run: each config field, flattened
-  ('model.features': [32, 64]), and the number of training examples and steps per epoch."""
+  ('model.features': [32, 64]), the number of training examples and steps per epoch, and,
+  for own data, what identifies its files (`DatasetInfo.identity`: a changed folder or .npz
+  is another dataset)."""
   def flatten(tree, prefix=''):
     for key, value in tree.items():
       if isinstance(value, dict):
@@ -84,6 +86,8 @@ def run_record(config: ml_collections.ConfigDict, train_examples: int,
 
   record = dict(flatten(config.to_dict()), train_examples=train_examples,
                 steps_per_epoch=steps_per_epoch)
+  if dataset_identity:
+    record['dataset_identity'] = dataset_identity
   return json.loads(json.dumps(record))  # As JSON gives it back: tuples are lists.
 
 

@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import socket
+import types
 import concurrent.futures
 import functools
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds  # Imports TensorFlow lazily, when it first needs it.
 
+from mnist_jax import datasets
 from mnist_jax.infra import errors
 from mnist_jax.infra import storage
 
@@ -32,6 +34,11 @@ class DatasetInfo:
   name: str
   image_shape: tuple[int, ...]
   num_classes: int
+  class_names: tuple[str, ...] = ()
+  # What identifies the data beyond its name, for a resume (own data: a digest of the files'
+  # names, sizes and modification times); None for a TFDS dataset, which its name and
+  # version identify.
+  identity: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,16 +73,125 @@ def resolve_data_dir(data_dir: str) -> str | None:
 
 
 def load(dataset: str, data_dir: str, splits: tuple[str, ...], *, download: bool,
-         cache_dir: epath.Path | None) -> tuple[DatasetInfo, dict[str, Split]]:
-  """Decodes `splits` of a TFDS dataset into numpy arrays, once: later runs read the cache."""
-  data_dir = resolve_data_dir(data_dir)
-  builder = _builder(dataset, data_dir)
-  features = builder.info.features
-  info = DatasetInfo(dataset, tuple(features['image'].shape), features['label'].num_classes)
-  # Only prepared files are cached: under tfds.testing.mock_data there are none.
-  cache_key = _cache_key(builder) if builder.is_prepared() else None
-  return info, {split: _load_split(builder, split, download, cache_dir, cache_key)
-                for split in splits}
+         cache_dir: epath.Path | None, image_size: tuple[int, ...] = ()
+         ) -> tuple[DatasetInfo, dict[str, Split]]:
+  """Decodes `splits` of a dataset into numpy arrays, once: later runs read the cache.
+
+  `dataset` is a TFDS name, or own data by its kind (datasets.SOURCES):
+  'image_folder:/path/root' or 'npz:/path/file.npz'. A split may be sliced as TFDS slices
+  them, for every kind: 'train[:90%]', 'train[90%:]', 'train[:1000]+test'. `image_size`
+  (H, W), if given, resizes every image.
+  """
+  image_size = tuple(image_size)
+  source = datasets.find(dataset, image_size)
+  if source is None:
+    builder = _builder(dataset, resolve_data_dir(data_dir))
+    label = builder.info.features['label']
+    info = DatasetInfo(dataset, (), label.num_classes, tuple(label.names))
+    split_names = tuple(builder.info.splits)
+    # Only prepared files are cached: under tfds.testing.mock_data there are none.
+    cache_key = _cache_key(builder) if builder.is_prepared() else None
+    read = functools.partial(_load_split, builder, download=download, cache_dir=cache_dir,
+                             cache_key=cache_key)
+  else:
+    info = DatasetInfo(dataset, (), len(source.class_names), source.class_names,
+                       source.identity)
+    split_names = source.split_names
+    read = functools.partial(_load_source_split, source, cache_dir=cache_dir,
+                             image_size=image_size)
+  read = functools.cache(read)  # Each split once, however many specs slice it.
+  # Every spec and every split checked before anything is decoded (and cached).
+  instructions = {spec: _instruction(spec, split_names, dataset) for spec in splits}
+  for name in dict.fromkeys(n for _, names in instructions.values() for n in names):
+    if source is not None:
+      source.check(name)
+  loaded = _conform({spec: _read_spec(spec, *instructions[spec], split_names, read, dataset)
+                     for spec in splits}, image_size, dataset)
+  info = dataclasses.replace(info, image_shape=next(iter(loaded.values())).image.shape[1:])
+  _note_missing_classes(info, loaded)
+  return info, loaded
+
+
+class _AnySplit(dict):
+  """Split infos that accept any split name (a TFDS builder that lists none yet: not prepared,
+  or mocked): TFDS itself then says whether the split exists."""
+
+  def __contains__(self, name) -> bool:
+    return True
+
+  def __missing__(self, name):
+    return _count(1 << 60)
+
+
+def _count(num_examples: int):  # ReadInstruction.to_absolute reads only num_examples.
+  return types.SimpleNamespace(num_examples=num_examples)
+
+
+def _invalid_split(spec: str, dataset: str, split_names: tuple[str, ...], e: Exception):
+  return errors.ConfigError(
+      f'split {spec!r} of {dataset} is invalid ({" ".join(str(e).split())}); its splits: '
+      f"{', '.join(split_names) or '(not listed)'}. config.train_split and config.eval_split "
+      "take a split, optionally sliced as TFDS slices: 'train[:90%]', 'train[90%:]', "
+      "'train[:1000]'.")
+
+
+def _instruction(spec: str, split_names: tuple[str, ...], dataset: str):
+  """A TFDS split spec ('train', 'train[:90%]', 'train[:100]+test') parsed, and the names of
+  the splits it reads."""
+  try:
+    instruction = tfds.core.ReadInstruction.from_spec(spec)
+    names = [part.splitname for part in instruction.to_absolute(
+        {s: _count(1 << 60) for s in split_names} if split_names else _AnySplit())]
+  except (ValueError, TypeError) as e:
+    raise _invalid_split(spec, dataset, split_names, e) from None
+  return instruction, list(dict.fromkeys(names))
+
+
+def _read_spec(spec: str, instruction, names: list[str], split_names: tuple[str, ...], read,
+               dataset: str) -> Split:
+  """The examples of a split spec, sliced out of the whole splits `read(name)` gives, with
+  TFDS's own rounding of percentages."""
+  try:
+    parts = instruction.to_absolute({name: _count(len(read(name))) for name in names})
+  except (ValueError, TypeError) as e:
+    raise _invalid_split(spec, dataset, split_names, e) from None
+  pieces = [read(part.splitname) for part in parts]
+  split = Split(*(np.concatenate([getattr(piece, field)[part.from_:part.to]
+                                  for piece, part in zip(pieces, parts)])
+                  for field in ('image', 'label')))
+  if not len(split):
+    raise errors.ConfigError(f'split {spec!r} of {dataset} holds no examples.')
+  return split
+
+
+def _conform(loaded: dict[str, Split], image_size: tuple[int, ...],
+             dataset: str) -> dict[str, Split]:
+  """Every split at `image_size` (if set) and of one shape: a split of gray images gets 3
+  channels if another has colour; splits of different sizes are refused."""
+  if image_size:
+    loaded = {spec: split if split.image.shape[1:3] == image_size else
+              Split(datasets.resize_images(split.image, image_size), split.label)
+              for spec, split in loaded.items()}
+  shapes = {spec: split.image.shape[1:] for spec, split in loaded.items()}
+  if len({shape[:2] for shape in shapes.values()}) > 1:
+    (a, shape_a), (b, shape_b) = list(shapes.items())[:2]
+    raise errors.UserError(
+        f'{dataset}: the images of split {a!r} are {shape_a[0]}x{shape_a[1]}, those of {b!r} '
+        f'{shape_b[0]}x{shape_b[1]} (HxW); set --config.image_size="(H, W)" to resize them all '
+        'to one size.')
+  if len({shape[-1] for shape in shapes.values()}) > 1:
+    loaded = {spec: Split(np.repeat(split.image, 3, -1) if split.image.shape[-1] == 1
+                          else split.image, split.label) for spec, split in loaded.items()}
+  return loaded
+
+
+def _note_missing_classes(info: DatasetInfo, loaded: dict[str, Split]) -> None:
+  for spec, split in loaded.items():
+    missing = np.flatnonzero(np.bincount(split.label, minlength=info.num_classes) == 0)
+    if missing.size:
+      names = ', '.join(info.class_names[i] if info.class_names else str(i) for i in missing)
+      print(f'note: {info.name} split {spec!r} has no examples of {missing.size} of its '
+            f'{info.num_classes} classes: {names}.', flush=True)
 
 
 def _builder(dataset: str, data_dir: str | None):
@@ -84,7 +200,9 @@ def _builder(dataset: str, data_dir: str | None):
   except tfds.core.registered.DatasetNotFoundError:
     raise errors.ConfigError(
         f'config.dataset: unknown TFDS dataset {dataset!r}; use a name from '
-        '`tfds.list_builders()`, e.g. mnist, fashion_mnist, kmnist, emnist/mnist.') from None
+        '`tfds.list_builders()`, e.g. mnist, fashion_mnist, kmnist, emnist/mnist, one prepared '
+        f'in the data dir ({data_dir or "TFDS default"}), or your own data: '
+        f"{', '.join(f'{kind}:PATH' for kind in datasets.SOURCES)}.") from None
 
 
 def _prepare(builder, download: bool) -> None:
@@ -123,41 +241,61 @@ def _cache_key(builder) -> str:
   return f'{builder.name.replace("/", "_")}-{builder.info.version}-{digest}'
 
 
-def _load_split(builder, split: str, download: bool, cache_dir: epath.Path | None,
+def _load_split(builder, split: str, *, download: bool, cache_dir: epath.Path | None,
                 cache_key: str | None) -> Split:
   path = cache_dir / 'data' / f'{cache_key}-{split}.npz' if cache_dir and cache_key else None
+  expected = path and (builder.info.splits[split].num_examples,
+                       *builder.info.features['image'].shape)
+  return _cached(path, expected, lambda: _decode(builder, split, download),
+                 f'{builder.name}/{split}')
+
+
+def _load_source_split(source, split: str, *, cache_dir: epath.Path | None,
+                       image_size: tuple[int, ...]) -> Split:
+  """A split of own data (datasets.py), decoded once into the cache if the source has a
+  cache name (an image folder; an .npz is read directly)."""
+  name = source.cache_name(split)
+  path = cache_dir / 'data' / f'{name}.npz' if cache_dir and name else None
+  expected = (source.split_size(split), *(image_size or (None, None)), None)
+  return _cached(path, expected, lambda: Split(*source.decode(split)), f'{source.name} {split}')
+
+
+def _cached(path: epath.Path | None, expected_NxHxWxC: tuple, decode, what: str) -> Split:
+  """The split cached at `path` if it is whole, else `decode()`'s, written to `path`."""
   if path and path.exists():
-    expected = (builder.info.splits[split].num_examples, *builder.info.features['image'].shape)
-    cached = read_cached_split(path, expected)
+    cached = read_cached_split(path, expected_NxHxWxC)
     if cached is not None:
       return cached
-  decoded = _decode(builder, split, download)
+  decoded = decode()
   if path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = io.BytesIO()
     np.savez(data, image=decoded.image, label=decoded.label)
     # Atomic (locally or in a bucket): a concurrent or killed run never sees half a file.
     storage.write_bytes_atomic(path, data.getvalue())
-    logging.info('Cached decoded %s/%s in %s', builder.name, split, path)
+    logging.info('Cached decoded %s in %s', what, path)
   return decoded
 
 
 def read_cached_split(path: epath.Path, shape_NxHxWxC: tuple[int, ...]) -> Split | None:
   """The cached split at `path`, or None (with a one-line warning) if the file is damaged:
   unreadable (truncated, not an npz), or not uint8 images [N, H, W, C] of the expected shape
-  with int32 labels [N]. The caller then decodes the split again and replaces the file."""
+  (None: any size there) with int32 labels [N]. The caller then decodes the split again and
+  replaces the file."""
   shape_NxHxWxC = tuple(shape_NxHxWxC)
+  fits = lambda shape: len(shape) == len(shape_NxHxWxC) and all(
+      want is None or got == want for got, want in zip(shape, shape_NxHxWxC))
   try:
     raw = io.BytesIO(path.read_bytes()) if storage.is_remote(path) else path
     with np.load(raw) as cached:
       split = Split(cached['image'], cached['label'])
     problem = None
-    if split.image.dtype != np.uint8 or split.image.shape != shape_NxHxWxC:
+    if split.image.dtype != np.uint8 or not fits(split.image.shape):
       problem = (f'images {split.image.dtype}{list(split.image.shape)}, expected '
                  f'uint8{list(shape_NxHxWxC)}')
-    elif split.label.dtype != np.int32 or split.label.shape != shape_NxHxWxC[:1]:
+    elif split.label.dtype != np.int32 or split.label.shape != split.image.shape[:1]:
       problem = (f'labels {split.label.dtype}{list(split.label.shape)}, expected '
-                 f'int32[{shape_NxHxWxC[0]}]')
+                 f'int32[{split.image.shape[0]}]')
   except Exception as e:  # pylint: disable=broad-except  (zipfile, OS, key errors, ...)
     problem = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else "unreadable"}'
   if problem is None:
@@ -169,8 +307,9 @@ def read_cached_split(path: epath.Path, shape_NxHxWxC: tuple[int, ...]) -> Split
 
 def _decode(builder, split: str, download: bool) -> Split:
   tensorflow()  # Before TFDS imports it, so the GPUs are hidden first.
-  load = lambda: tfds.load(builder.name, split=split, data_dir=builder.data_dir_root,
-                           download=False)
+  # Through the builder found, not tfds.load(builder.name, ...): a dataset the registry does
+  # not know (written by tfds.dataset_builders.store_as_tfds_dataset) is read from its files.
+  load = lambda: builder.as_dataset(split=split, shuffle_files=False)
   try:
     ds = load()
   except AssertionError:  # TFDS's way of saying the prepared files are not there.

@@ -82,22 +82,41 @@ def _plot_curves(ax, history: list[dict], metric: str) -> None:
   ax.legend()
 
 
-def _plot_confusion(ax, confusion: np.ndarray) -> None:
+def missing_classes(confusion_CxC: np.ndarray, class_names: list[str] | None = None) -> list[str]:
+  """The classes the test split has no example of (their confusion rows are empty)."""
+  names = _class_names(len(confusion_CxC), class_names)
+  return [names[i] for i in np.flatnonzero(np.asarray(confusion_CxC).sum(axis=1) == 0)]
+
+
+def _class_names(num_classes: int, class_names: list[str] | None) -> list[str]:
+  return list(class_names) if class_names and len(class_names) == num_classes else [
+      str(i) for i in range(num_classes)]
+
+
+def _plot_confusion(ax, confusion: np.ndarray, class_names: list[str] | None = None) -> None:
   """Colour on a log scale, so a handful of errors shows next to a thousand correct."""
   confusion = np.asarray(confusion)
   num_classes = len(confusion)
   ax.imshow(np.log1p(confusion), cmap='Blues')
-  ax.set(title=f'confusion matrix ({int(confusion.sum()):,} test examples)',
-         xlabel='predicted', ylabel='true', xticks=range(num_classes), yticks=range(num_classes))
+  missing = missing_classes(confusion, class_names)
+  title = f'confusion matrix ({int(confusion.sum()):,} test examples)'
+  if missing:
+    title += f"\nno test examples of: {', '.join(missing)}"
+  ax.set(title=title, xlabel='predicted', ylabel='true')
   if num_classes > _MAX_ANNOTATED_CLASSES:
     return
+  names = _class_names(num_classes, class_names)
+  ax.set_xticks(range(num_classes), names, rotation=90 if max(map(len, names)) > 2 else 0)
+  ax.set_yticks(range(num_classes), names)
   threshold = np.log1p(confusion.max()) / 2
   for (true, predicted), count in np.ndenumerate(confusion):
     ax.text(predicted, true, str(count), ha='center', va='center', fontsize=8,
             color='white' if np.log1p(count) > threshold else ('black' if count else '0.75'))
 
 
-def _plot_worst(fig, cell, worst: dict, num_errors: int) -> None:
+def _plot_worst(fig, cell, worst: dict, num_errors: int,
+                class_names: list[str] | None = None) -> None:
+  name = lambda i: class_names[int(i)] if class_names else str(int(i))
   shown = min(len(worst['label']), MAX_WORST)
   grid = cell.subgridspec(5, 4, height_ratios=(0.3, 1, 1, 1, 1), hspace=0.45, wspace=0.1)
   header = fig.add_subplot(grid[0, :])
@@ -114,7 +133,7 @@ def _plot_worst(fig, cell, worst: dict, num_errors: int) -> None:
     ax = fig.add_subplot(grid[1 + i // 4, i % 4])
     image = np.asarray(worst['image'][i])
     ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=255)
-    ax.set_title(f"true {int(worst['label'][i])} / pred {int(worst['predicted'][i])} "
+    ax.set_title(f"true {name(worst['label'][i])} / pred {name(worst['predicted'][i])} "
                  f"({100 * float(worst['confidence'][i]):.0f}%)", fontsize=9)
     ax.set_axis_off()
 
@@ -148,8 +167,9 @@ def _figure(history, confusion, worst, config, summary=None) -> Figure:
     curves = grid[0, :].subgridspec(1, len(names), wspace=0.2)
     for i, name in enumerate(names):
       _plot_curves(fig.add_subplot(curves[0, i]), history, name)
-  _plot_confusion(fig.add_subplot(grid[1, 0]), confusion)
-  _plot_worst(fig, grid[1, 1], worst, int(np.sum(confusion) - np.trace(confusion)))
+  class_names = (summary or {}).get('class_names') or None
+  _plot_confusion(fig.add_subplot(grid[1, 0]), confusion, class_names)
+  _plot_worst(fig, grid[1, 1], worst, int(np.sum(confusion) - np.trace(confusion)), class_names)
   fig.suptitle(_title(history[-1], config, summary), fontsize=16)
   return fig
 
@@ -211,12 +231,14 @@ def _final_rows(summary: dict) -> list[tuple[str, str]]:
   return rows
 
 
-def _markdown(history, summary, config, png_name: str) -> str:
+def _markdown(history, summary, config, png_name: str, confusion_CxC=None) -> str:
   model, optimizer = _names(config)
   lines = [f"# {config.get('dataset', 'Run')} report: {model}, {optimizer}", '',
            f'![curves, confusion matrix and worst errors]({png_name})', '',
            '## Final', '', '| | |', '| --- | --- |']
   lines += [f'| {label} | {value} |' for label, value in _final_rows(summary)]
+  if confusion_CxC is not None:
+    lines += ['', *_class_lines(np.asarray(confusion_CxC), summary.get('class_names'))]
   columns = [f"{split}_{name}" for split in ('train', 'test')
              for name in metric_names(history[-1])]
   lines += ['', '## Per epoch', '',
@@ -229,6 +251,22 @@ def _markdown(history, summary, config, png_name: str) -> str:
   lines += ['', '## Config', '', '```json',
             json.dumps(config, indent=2, sort_keys=True, default=str), '```', '']
   return '\n'.join(lines)
+
+
+def _class_lines(confusion_CxC: np.ndarray, class_names: list[str] | None) -> list[str]:
+  """Each class's test examples and recall; the classes the test split lacks, said so."""
+  names = _class_names(len(confusion_CxC), class_names)
+  lines = ['## Classes', '']
+  missing = missing_classes(confusion_CxC, class_names)
+  if missing:
+    lines += [f"The test split has no examples of {len(missing)} of the {len(names)} classes: "
+              f"{', '.join(missing)}.", '']
+  lines += ['| class | test examples | recall |', '| --- | ---: | ---: |']
+  for i, name in enumerate(names):
+    count = int(confusion_CxC[i].sum())
+    recall = f'{confusion_CxC[i, i] / count:.4f}' if count else '(no examples)'
+    lines.append(f'| {name} | {count:,} | {recall} |')
+  return lines
 
 
 def _replica_table(summary: dict, names: list[str]) -> list[str]:
@@ -270,7 +308,8 @@ def write_report(workdir: pathlib.Path, history: list[dict], confusion_CxC: np.n
       each metric (e.g. train_loss, train_accuracy, test_loss, test_accuracy).
     confusion_CxC: counts, rows the true class, columns the predicted one.
     worst: image uint8 [M, H, W, C], label [M], predicted [M], confidence [M] (M may be 0).
-    summary: the run's summary (summary.json); missing entries are left out.
+    summary: the run's summary (summary.json); missing entries are left out. Its
+      class_names, if any, label the confusion matrix and the worst errors.
     config: the resolved config as a dict (`config.to_dict()`).
   """
   workdir = storage.as_path(workdir)
@@ -278,5 +317,6 @@ def write_report(workdir: pathlib.Path, history: list[dict], confusion_CxC: np.n
   png = io.BytesIO()  # Then one write: matplotlib would take gs://... for a local file name.
   _figure(history, confusion_CxC, worst, config, summary).savefig(png, format='png', dpi=DPI)
   storage.write_bytes_atomic(png_path, png.getvalue())
-  storage.write_bytes_atomic(md_path, _markdown(history, summary, config, png_path.name).encode())
+  storage.write_bytes_atomic(md_path, _markdown(history, summary, config, png_path.name,
+                                                confusion_CxC).encode())
   return png_path, md_path

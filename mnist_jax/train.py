@@ -103,7 +103,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     process.enable_compilation_cache(cache_dir)
   info, splits = input_pipeline.load(
       config.dataset, config.data_dir, (config.train_split, config.eval_split),
-      download=config.download, cache_dir=cache_dir)
+      download=config.download, cache_dir=cache_dir,
+      image_size=tuple(config.get('image_size', ())))
   model = models.build(config.model, info.num_classes)
   task = steps.Task.from_config(config, model)
   mode_name = executor_lib.resolve(config.input_mode, splits)
@@ -132,7 +133,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   state = jax.jit(init, out_shardings=executor.replicated,
                   compiler_options=dict(xla_backend_optimization_level=1))(rng, hparams)
   num_params = writers.count_params(state.params) // len(replicas)
-  record = checkpoint.run_record(config, len(executor.train), executor.steps_per_epoch)
+  record = checkpoint.run_record(config, len(executor.train), executor.steps_per_epoch,
+                                 info.identity)
   return Setup(info, mode_name, executor, task, state, num_params, cache_dir, record, replicas)
 
 
@@ -312,7 +314,7 @@ def _finish(workdir, config, run: Setup, loop: Loop, start: float, is_writer: bo
       param_fingerprint=writers.fingerprint(state.params, state.model_state),
       train_seconds=loop.train_seconds, total_seconds=time.perf_counter() - start,
       input_mode=run.mode_name, seed=config.seed, num_seeds=config.num_seeds,
-      versions=writers.versions())
+      class_names=list(run.info.class_names), versions=writers.versions())
   if len(run.replicas) > 1:
     summary.update(run.replicas.final_summary(config, (state.params, state.model_state),
                                               record, run.task.value_names))

@@ -11,8 +11,9 @@ import ml_collections
 import optax
 
 from mnist_jax import augment
-from mnist_jax.infra import errors
+from mnist_jax import datasets
 from mnist_jax import executor
+from mnist_jax.infra import errors
 from mnist_jax import losses
 from mnist_jax import metrics
 from mnist_jax import models
@@ -53,6 +54,19 @@ def _named_in(namespace) -> Callable[[Any], bool]:
   return lambda name: isinstance(name, str) and callable(getattr(namespace, name, None))
 
 
+def _image_size(size: Any) -> bool:
+  return isinstance(size, (tuple, list)) and (not size or (len(size) == 2 and all(
+      _is_positive_int(x) for x in size)))
+
+
+def _dataset(name: Any) -> bool:
+  """A TFDS name, or `kind:location` of own data with a location."""
+  if not isinstance(name, str) or not name:
+    return False
+  kind, colon, location = name.partition(':')
+  return not (colon and kind in datasets.SOURCES) or bool(location)
+
+
 def _metric_names(names: Any) -> bool:
   return (isinstance(names, (tuple, list)) and len(set(names)) == len(names)
           and all(isinstance(n, str) and n in metrics.METRICS for n in names))
@@ -61,6 +75,9 @@ def _metric_names(names: Any) -> bool:
 # (field path, check, what is allowed). Paths into sub-dicts use dots; a missing optional
 # field (e.g. an optimizer without `decay`) is skipped.
 _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ('dataset', _dataset,
+     "a TFDS name (e.g. 'mnist'), 'image_folder:/path/root' or 'npz:/path/file.npz'"),
+    ('image_size', _image_size, "(H, W), two integers > 0, or () for the images' own size"),
     ('learning_rate', _is_positive_number, 'a finite number > 0'),
     ('batch_size', _is_positive_int, 'an integer > 0'),
     ('eval_batch_size', _is_positive_int, 'an integer > 0'),

@@ -1,0 +1,307 @@
+"""Your own data by config: a folder of images, or arrays in an .npz file.
+
+  --config.dataset=image_folder:/path/to/root   root/<split>/<class name>/*.png|jpg|jpeg
+  --config.dataset=npz:/path/to/file.npz        <split>_images, <split>_labels [, class_names]
+
+`config.dataset` names a source by the prefix before its first ':' (`SOURCES`); a name without
+a known prefix is a TFDS dataset (input_pipeline). A source lists its splits and classes, and
+says what identifies its data (names, sizes and modification times of what it reads), without
+decoding anything; `decode(split)` returns a whole split as uint8 images [N, H, W, C] and int32
+labels [N]. Slicing ('train[:90%]'), resizing and caching are input_pipeline's.
+"""
+
+import concurrent.futures
+import functools
+import hashlib
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from mnist_jax.infra import errors
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+# Files that file managers leave in folders: never data, never worth a word.
+_SYSTEM_FILES = ('thumbs.db', 'desktop.ini')
+# PIL modes decoded as one channel; every other mode (RGB, RGBA, P, CMYK, ...) becomes RGB.
+_GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+_FILES_PER_TASK = 256  # Images one decoding task reads (a thread pool runs the tasks).
+
+
+def _digest(value) -> str:
+  return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def _is_system(name: str) -> bool:
+  return name.startswith('.') or name.lower() in _SYSTEM_FILES
+
+
+def _stamp(entry: os.DirEntry) -> tuple[str, int, int]:
+  stat = entry.stat()
+  return entry.name, stat.st_size, stat.st_mtime_ns
+
+
+class ImageFolder:
+  """root/<split>/<class>/*.png|jpg|jpeg: classes are the class folders' names across all
+  splits, sorted (as strings), so every split labels a class alike; a class may be missing
+  from a split. Files that are not PNG or JPEG are ignored (hidden and system files silently,
+  others with a count). An image that does not decode stops the run, naming it: a skipped
+  file would silently change the dataset."""
+
+  kind = 'image_folder'
+
+  def __init__(self, dataset: str, location: str, image_size: tuple[int, ...] = ()):
+    self.name, self.image_size = dataset, tuple(image_size)
+    self.root = pathlib.Path(location).expanduser()
+    if not location or not self.root.is_dir():
+      what = 'is not a folder' if self.root.exists() else 'does not exist'
+      raise errors.UserError(f'config.dataset={dataset!r}: {self.root} {what}; expected a '
+                             'folder root/<split>/<class>/*.png (or .jpg, .jpeg).')
+    self.root = self.root.resolve()
+    self._files, self._stamps, ignored = {}, {}, []
+    for split_dir in sorted(os.scandir(self.root), key=lambda e: e.name):
+      if split_dir.is_dir() and not _is_system(split_dir.name):
+        self._files[split_dir.name], self._stamps[split_dir.name] = self._scan(split_dir,
+                                                                               ignored)
+    if not self._files:
+      raise errors.UserError(f'config.dataset={dataset!r}: {self.root} holds no split folders; '
+                             'expected root/<split>/<class>/*.png, e.g. root/train/cat/1.png.')
+    self.split_names = tuple(self._files)
+    self.class_names = tuple(sorted({c for split in self._files.values() for c in split}))
+    self.identity = f'{self.kind}-' + _digest((str(self.root), self.image_size, self._stamps))
+    if ignored:
+      print(f'warning: {dataset}: ignored {len(ignored):,} files that are not '
+            f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images (e.g. {ignored[0]}).",
+            flush=True)
+
+  def _scan(self, split_dir: os.DirEntry, ignored: list) -> tuple[dict, list]:
+    """{class: sorted image paths} and the stamps of one split folder."""
+    files, stamps = {}, []
+    for class_dir in sorted(os.scandir(split_dir.path), key=lambda e: e.name):
+      if _is_system(class_dir.name):
+        continue
+      if not class_dir.is_dir():
+        raise errors.UserError(
+            f'config.dataset={self.name!r}: {class_dir.path} is a file where class folders are '
+            f'expected: images go in {split_dir.path}/<class name>/.')
+      images = []
+      for entry in sorted(os.scandir(class_dir.path), key=lambda e: e.name):
+        if entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file():
+          images.append(entry)
+        elif not _is_system(entry.name):
+          ignored.append(entry.path)
+      files[class_dir.name] = [e.path for e in images]
+      stamps.append((class_dir.name, [_stamp(e) for e in images]))
+    return files, stamps
+
+  def split_size(self, split: str) -> int:
+    return sum(len(paths) for paths in self._files[split].values())
+
+  def check(self, split: str) -> None:
+    if not self.split_size(split):
+      raise errors.UserError(
+          f'config.dataset={self.name!r}: split {split!r} holds no images; expected '
+          f'{self.root / split}/<class>/*.png (or .jpg, .jpeg).')
+
+  def cache_name(self, split: str) -> str:
+    """Names the decoded split after what it was decoded from: a changed file, a new or
+    removed one, another class set or image size is another name, so it is decoded again."""
+    key = (str(self.root), self.image_size, self.class_names, split, self._stamps[split])
+    return f'{self.kind}-{_digest(key)}-{split}'
+
+  def decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    self.check(split)
+    labels = [(path, self.class_names.index(name))
+              for name, paths in self._files[split].items() for path in paths]
+    paths = [path for path, _ in labels]
+    images = _decode_images(paths, self.image_size, f'{self.name} {split}')
+    return _stack(images, paths, self.name), np.array([l for _, l in labels], np.int32)
+
+
+def _decode_images(paths: list[str], image_size: tuple[int, ...], what: str) -> list[np.ndarray]:
+  """Decodes `paths` in a thread pool (PIL decodes outside the GIL), with a progress bar on a
+  terminal and one line when done."""
+  import tqdm  # pylint: disable=g-import-not-at-top  (only when there is something to decode)
+  start = time.perf_counter()
+  tasks = [paths[i:i + _FILES_PER_TASK] for i in range(0, len(paths), _FILES_PER_TASK)]
+  images = []
+  bar = tqdm.tqdm(total=len(paths), desc=f'decoding {what}', unit=' images', leave=False,
+                  disable=not sys.stderr.isatty(), file=sys.stderr)
+  with bar, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    for decoded in pool.map(lambda task: [_decode_image(p, image_size) for p in task], tasks):
+      images += decoded
+      bar.update(len(decoded))
+  print(f'{what}: decoded {len(paths):,} images in {time.perf_counter() - start:.1f}s',
+        flush=True)
+  return images
+
+
+def _decode_image(path: str, image_size: tuple[int, ...]) -> np.ndarray:
+  """uint8 [H, W, 1] for a grayscale image, [H, W, 3] for any other; resized to image_size."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      image = image.convert('L' if image.mode in _GRAY_MODES else 'RGB')
+      if image_size:
+        image = image.resize(image_size[::-1], Image.Resampling.BILINEAR)  # PIL: (W, H).
+      array = np.asarray(image, np.uint8)
+  except Exception as e:  # pylint: disable=broad-except  (PIL: OSError, SyntaxError, ...)
+    raise errors.UserError(
+        f'cannot decode {path} ({type(e).__name__}: {" ".join(str(e).split()) or "unreadable"}); '
+        'every image is read (none is skipped): replace or delete this file.') from None
+  return array[..., None] if array.ndim == 2 else array
+
+
+def _stack(images: list[np.ndarray], paths: list[str], dataset: str) -> np.ndarray:
+  """One array [N, H, W, C]: gray images get 3 channels if any image has colour; images of
+  other sizes than the first are refused, naming the first such file."""
+  size = images[0].shape[:2]
+  for image, path in zip(images, paths):
+    if image.shape[:2] != size:
+      raise errors.UserError(
+          f'config.dataset={dataset!r}: {path} is {image.shape[0]}x{image.shape[1]} (HxW), '
+          f'but {paths[0]} is {size[0]}x{size[1]}; set --config.image_size="({size[0]}, '
+          f'{size[1]})" to resize every image to one size.')
+  if any(image.shape[-1] == 3 for image in images):
+    images = [np.repeat(image, 3, -1) if image.shape[-1] == 1 else image for image in images]
+  return np.stack(images)
+
+
+def resize_images(images_NxHxWxC: np.ndarray, image_size: tuple[int, ...]) -> np.ndarray:
+  """uint8 images resized to image_size (H, W), bilinear, as an image folder's are."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  def one(image_HxWxC):
+    gray = image_HxWxC.shape[-1] == 1
+    resized = Image.fromarray(image_HxWxC[..., 0] if gray else image_HxWxC).resize(
+        image_size[::-1], Image.Resampling.BILINEAR)
+    array = np.asarray(resized, np.uint8)
+    return array[..., None] if gray else array
+
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    return np.stack(list(pool.map(one, images_NxHxWxC)))
+
+
+class NpzFile:
+  """<split>_images uint8 [N, H, W] or [N, H, W, C] (C 1 or 3), or floats in [0, 1], which
+  become uint8 as round(x * 255); <split>_labels integers [N]; class_names optional, a string
+  array [num_classes] (without it, the classes are 0 .. the largest label, named by number)."""
+
+  kind = 'npz'
+
+  def __init__(self, dataset: str, location: str, image_size: tuple[int, ...] = ()):
+    del image_size  # input_pipeline resizes arrays after loading.
+    self.name = dataset
+    path = pathlib.Path(location).expanduser()
+    if not location or not path.is_file():
+      what = 'is not a file' if path.exists() else 'does not exist'
+      raise errors.UserError(f'config.dataset={dataset!r}: {path} {what}; expected an .npz '
+                             'file with <split>_images and <split>_labels arrays.')
+    self.path = path.resolve()
+    try:
+      self._npz = np.load(self.path, allow_pickle=False)
+      self._arrays = list(self._npz.files)
+    except Exception as e:  # pylint: disable=broad-except  (zipfile, OS, value errors)
+      raise errors.UserError(f'config.dataset={dataset!r}: cannot read {self.path} as an .npz '
+                             f'({type(e).__name__}: {" ".join(str(e).split())}).') from None
+    # A split with one of its two arrays is a split too: then the missing one is named.
+    self.split_names = tuple(sorted({k.rsplit('_', 1)[0] for k in self._arrays
+                                     if k.endswith(('_images', '_labels'))}))
+    if not self.split_names:
+      raise errors.UserError(f'config.dataset={dataset!r}: {self.path} holds no <split>_images '
+                             f'and <split>_labels arrays (it holds: {", ".join(self._arrays) or "nothing"}).')
+    self.class_names = self._class_names()
+    stat = self.path.stat()
+    self.identity = f'{self.kind}-' + _digest((str(self.path), stat.st_size, stat.st_mtime_ns))
+
+  def _array(self, key: str) -> np.ndarray:
+    if key not in self._arrays:
+      raise errors.UserError(f'config.dataset={self.name!r}: {self.path} has no array {key!r} '
+                             f'(it holds: {", ".join(self._arrays)}).')
+    try:
+      return self._npz[key]
+    except ValueError as e:  # An object array (pickled): refused, as allow_pickle is off.
+      raise errors.UserError(f'config.dataset={self.name!r}: {key} in {self.path} cannot be '
+                             f'read without pickle ({e}); save it as a numeric or string '
+                             'array.') from None
+
+  def _class_names(self) -> tuple[str, ...]:
+    if 'class_names' not in self._arrays:
+      top = max((int(self._labels(s).max(initial=-1)) for s in self.split_names), default=-1)
+      return tuple(str(i) for i in range(top + 1))
+    names = self._array('class_names')
+    if names.ndim != 1 or names.dtype.kind not in 'US' or not len(names):
+      raise errors.UserError(f'config.dataset={self.name!r}: class_names holds '
+                             f'{names.dtype}{list(names.shape)}; expected strings [num_classes], '
+                             "e.g. np.array(['cat', 'dog']).")
+    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist())
+    if len(set(names)) != len(names):
+      raise errors.UserError(f'config.dataset={self.name!r}: class_names repeats a name: '
+                             f'{list(names)}.')
+    return names
+
+  def _labels(self, split: str) -> np.ndarray:
+    labels = self._array(f'{split}_labels')
+    if labels.ndim != 1 or labels.dtype.kind not in 'iu':
+      raise errors.UserError(f'config.dataset={self.name!r}: {split}_labels holds '
+                             f'{labels.dtype}{list(labels.shape)}; expected integers [N].')
+    if len(labels) and labels.min() < 0:
+      raise errors.UserError(f'config.dataset={self.name!r}: {split}_labels holds '
+                             f'{labels.min()}; expected class indices >= 0.')
+    return labels
+
+  def split_size(self, split: str) -> int:
+    return len(self._labels(split))
+
+  def check(self, split: str) -> None:
+    self.decode(split)  # Cheap: the arrays are read, checked and converted; nothing decodes.
+
+  @functools.cache  # pylint: disable=method-cache-max-size-none  (a source lives for a load)
+  def decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return self._decode(split)
+
+  def cache_name(self, split: str) -> None:
+    del split
+    return None  # The file is its own cache: reading it back is as fast.
+
+  def _decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = self._array(f'{split}_images'), self._labels(split)
+    what = f'config.dataset={self.name!r}: {split}_images holds {images.dtype}{list(images.shape)}'
+    if images.ndim == 3:
+      images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+      raise errors.UserError(f'{what}; expected images [N, H, W] or [N, H, W, C], C 1 or 3.')
+    if len(images) != len(labels):
+      raise errors.UserError(f'{what}, but {split}_labels holds {len(labels):,} labels; '
+                             'expected one label per image.')
+    if not len(images):
+      raise errors.UserError(f'{what}: split {split!r} holds no examples.')
+    if images.dtype.kind == 'f':
+      low, high = float(images.min()), float(images.max())
+      if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= 1):
+        raise errors.UserError(f'{what} in [{low:g}, {high:g}]; expected floats in [0, 1] (or '
+                               'uint8 in [0, 255]).')
+      images = np.round(images * 255).astype(np.uint8)
+    elif images.dtype != np.uint8:
+      raise errors.UserError(f'{what}; expected uint8 in [0, 255] or floats in [0, 1] (e.g. '
+                             'images.astype(np.uint8)).')
+    top = int(labels.max())
+    if top >= len(self.class_names):
+      raise errors.UserError(
+          f'config.dataset={self.name!r}: {split}_labels holds {top}, but class_names has '
+          f'{len(self.class_names)} names: labels must be 0..{len(self.class_names) - 1}.')
+    return images, labels.astype(np.int32)
+
+
+# What `kind:` before the first ':' of config.dataset names; anything else is a TFDS name.
+SOURCES = {ImageFolder.kind: ImageFolder, NpzFile.kind: NpzFile}
+
+
+def find(dataset: str, image_size: tuple[int, ...] = ()):
+  """The source `dataset` names (`kind:location`), or None for a TFDS dataset."""
+  kind, colon, location = dataset.partition(':')
+  if not colon or kind not in SOURCES:
+    return None
+  return SOURCES[kind](dataset, location, image_size)
