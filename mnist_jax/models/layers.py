@@ -170,9 +170,11 @@ _FEW_CHANNELS = 4
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None) -> jax.Array:
+                         precision=None, preferred_element_type=None,
+                         out_sharding=None) -> jax.Array:
   """`lax.conv_general_dilated`, with a faster gradient on CPU for plain 2-D convolutions.
 
+  It serves `nnx.Conv(..., conv_general_dilated=...)` too (models/cnn_nnx.py).
   The fast path takes 2-D NHWC/HWIO convolutions with stride 1, no dilation and one feature
   group (what `nn.Conv` makes by default); everything else, and every backend but the CPU, is
   `lax.conv_general_dilated` itself. On the fast path:
@@ -188,6 +190,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
               rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
               feature_group_count=feature_group_count, batch_group_count=batch_group_count,
               precision=precision, preferred_element_type=preferred_element_type)
+  if out_sharding is not None:  # nnx.Conv passes one (None unless sharded explicitly).
+    return lax.conv_general_dilated(lhs, rhs, **args, out_sharding=out_sharding)
   pads = _fast_path_pads(lhs, rhs, **args)
   if pads is None:
     return lax.conv_general_dilated(lhs, rhs, **args)
