@@ -157,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in models.available():
     raise errors.ConfigError(f'config.model.name={config.model.name!r} is invalid: expected '
                              f"one of {', '.join(models.available())}.")
+  models.check(config.model)  # A Model, Linen or NNX, that takes every field.
   for field in ('batch_size', 'eval_batch_size'):  # Both are split over all devices.
     if config[field] % jax.device_count():
       raise errors.ConfigError(

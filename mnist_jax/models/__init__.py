@@ -14,6 +14,17 @@ The model contract. A model is a module here that defines a Linen `Model`:
   * optional: a `mask` keyword argument. A model that takes one gets the batch's mask [B]
     (1.0 for a real example, 0.0 for the padding of an epoch's last batch), e.g. to pass to
     `nn.BatchNorm(...)(x, mask=...)` so that padding never enters the batch statistics.
+
+`Model` may instead be a Flax NNX module (`nnx.Module`):
+  * built as `Model(num_classes=..., **fields, rngs=nnx.Rngs(...))`; a constructor that takes
+    `image_shape` also gets the images' (H, W, C), to size its layers;
+  * `__call__(images_BxHxWxC)` returns the logits; its `nnx.BatchNorm` and `nnx.Dropout`
+    follow `model.train()` / `model.eval()`, which the codebase switches: training steps run
+    in train mode, evaluation in eval mode;
+  * `nnx.BatchStat` variables are kept like Linen's 'batch_stats'; dropout's RNG stream is
+    reseeded from (seed, step) at every step; `mask` is optional as above.
+`build` wraps it (models/_nnx.py, the one place where NNX and Linen differ) so that the steps
+see Linen's `init` / `apply` and plain dicts of arrays.
 """
 
 import importlib
@@ -21,6 +32,9 @@ import pkgutil
 
 import flax.linen as nn
 import jax
+
+from mnist_jax.infra import errors
+from mnist_jax.models import _nnx
 
 # Initializers in jax.nn.initializers that are init functions themselves, not factories.
 _PLAIN_INITIALIZERS = ('zeros', 'ones')
@@ -30,12 +44,63 @@ def available() -> list[str]:
   return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
 
 
-def build(model_config, num_classes: int) -> nn.Module:
-  """Returns `models.<name>.Model(num_classes=..., **other fields of model_config)`."""
+def module_class(name: str) -> type:
+  """`models.<name>.Model`: a Linen or an NNX module class, else a ConfigError."""
+  module = importlib.import_module(f'{__name__}.{name}')
+  where = f'config.model.name={name!r} is invalid: mnist_jax/models/{name}.py'
+  if not hasattr(module, 'Model'):
+    raise errors.ConfigError(f'{where} defines no Model (a flax.linen or flax.nnx Module).')
+  cls = module.Model
+  if not (isinstance(cls, type) and (issubclass(cls, nn.Module) or _nnx.is_nnx(cls))):
+    raise errors.ConfigError(f'{where} defines Model as {cls!r}, which is neither a '
+                             'flax.linen.Module nor a flax.nnx.Module class.')
+  return cls
+
+
+# Constructor arguments the run passes itself, never a config.model field.
+_SET_BY_THE_RUN = {'num_classes', 'rngs', 'image_shape', 'parent', 'name'}
+
+
+def check(model_config) -> None:
+  """Raises ConfigError unless `models.<name>.Model` can be built from `model_config`: a Linen
+  or NNX module class whose constructor takes every field, and needs no other."""
   fields = dict(model_config)
   name = fields.pop('name')
-  module = importlib.import_module(f'{__name__}.{name}')
-  return module.Model(num_classes=num_classes, **fields)
+  cls = module_class(name)
+  parameters = _nnx.constructor_parameters(cls)
+  takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+  where = f'models.{name}.Model'
+  for field in fields:
+    if field in _SET_BY_THE_RUN:
+      raise errors.ConfigError(f'config.model.{field} is invalid: the run sets {field} itself.')
+    if field not in parameters and not takes_any:
+      accepted = sorted(set(parameters) - _SET_BY_THE_RUN)
+      raise errors.ConfigError(
+          f"config.model.{field} is invalid: {where} takes no argument {field!r} (it takes: "
+          f"{', '.join(accepted) or 'none but num_classes'}).")
+  for arg, p in parameters.items():
+    if (p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and arg not in fields and arg not in _SET_BY_THE_RUN):
+      raise errors.ConfigError(f'config.model.{arg} is missing: {where} needs it.')
+  if 'num_classes' not in parameters and not takes_any:
+    raise errors.ConfigError(f'{where} is invalid: its constructor must take num_classes.')
+  if _nnx.is_nnx(cls) and 'rngs' not in parameters and not takes_any:
+    raise errors.ConfigError(f'{where} is invalid: an NNX Model must take rngs (nnx.Rngs).')
+
+
+def build(model_config, num_classes: int):
+  """`models.<name>.Model(num_classes=..., **other fields of model_config)`: the Linen module,
+  or an NNX module class wrapped to look like one (`create`)."""
+  fields = dict(model_config)
+  return create(module_class(fields.pop('name')), num_classes, **fields)
+
+
+def create(cls: type, num_classes: int, **fields):
+  """A Linen `Model` built with these arguments, or an NNX one wrapped (models/_nnx.py), with
+  the same `init` and `apply`; it is built by `init`, once the image shape is known."""
+  if _nnx.is_nnx(cls):
+    return _nnx.wrap(cls, dict(num_classes=num_classes, **fields))
+  return cls(num_classes=num_classes, **fields)
 
 
 def initializer(name: str) -> jax.nn.initializers.Initializer:

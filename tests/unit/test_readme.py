@@ -174,3 +174,33 @@ def test_model_example_trains_with_batch_stats(tmp_path, mlp_config, monkeypatch
   assert evaluated['param_fingerprint'] == summary['param_fingerprint']
   assert evaluated['test_loss'] == pytest.approx(summary['test_loss'], rel=1e-6)
   sys.modules.pop('mnist_jax.models.bn_mlp', None)
+
+
+def test_nnx_model_example_trains_with_batch_stats(tmp_path, mlp_config, monkeypatch):
+  """The NNX version of the example: BatchNorm statistics, dropout, --mode=evaluate."""
+  package = tmp_path / 'models'
+  package.mkdir()
+  (package / 'bn_mlp_nnx.py').write_text(example('model bn_mlp_nnx'))
+  monkeypatch.setattr(models, '__path__', [*models.__path__, str(package)])
+  monkeypatch.delitem(sys.modules, 'mnist_jax.models.bn_mlp_nnx', raising=False)
+  namespace = {}
+  exec(example('config bn_mlp'), namespace)  # pylint: disable=exec-used
+  config = namespace['get_config']()
+  config.model.name = 'bn_mlp_nnx'  # What the README says to change.
+  for field, value in mlp_config.items():  # Offline, uncached, and tiny.
+    if field in ('cache_dir', 'download'):
+      config[field] = value
+  config.batch_size, config.eval_batch_size, config.num_epochs = 8, 12, 2
+  config.write_tensorboard = config.write_report = False
+  summary = run(config, tmp_path / 'w')
+  assert summary['steps'] == 2 * 3 and np.isfinite(summary['test_loss'])
+  assert summary['num_params'] == 784 * 256 + 2 * 256 + 256 * 10 + 10
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    evaluated = train.evaluate_checkpoint(config, str(tmp_path / 'w'))
+  assert evaluated['param_fingerprint'] == summary['param_fingerprint']
+  assert evaluated['test_loss'] == pytest.approx(summary['test_loss'], rel=1e-6)
+  # BatchNorm's statistics are a collection of their own, as a Linen model's batch_stats.
+  model = models.build(config.model, 10)
+  assert list(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))) == [
+      'params', 'batch_stats']
+  sys.modules.pop('mnist_jax.models.bn_mlp_nnx', None)
