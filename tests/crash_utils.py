@@ -82,6 +82,8 @@ _PRELOAD = ['tensorflow', 'tensorflow_datasets', 'jax', 'optax', 'flax.linen', '
 # The same tiny job with every seam of configs/cnn_bn.py: BatchNorm (batch_stats in the model
 # state), dropout, augmentation, label smoothing, AdamW with warmup, cosine decay and clipping.
 CNN_BN = dict(config='cnn_bn', model__features='(4,)', warmup_steps=3)
+# The CNN in Flax NNX (models/cnn_nnx.py), with dropout: the NNX adapter's state through a kill.
+NNX = dict(config='cnn_nnx', model__features='(4,)', model__dropout_rate=0.3)
 # A sweep: two learning rates x two seeds, four replicas in one program.
 SWEEP = dict(sweep__learning_rate='(1e-3,3e-3)', num_seeds=2)
 

@@ -7,6 +7,7 @@ step's rng, and runs end to end on mock data: checkpoints, resume, --mode=evalua
 Bad model files are one ConfigError before any data loads.
 """
 
+import json
 import textwrap
 
 from flax import nnx
@@ -347,6 +348,41 @@ def test_replicas_are_single_runs(tmp_path, mlp_config, model_files):
     assert both['train_loss_per_replica'][i] == pytest.approx(alone['train_loss'], rel=1e-4)
 
 
+def test_a_sweep_writes_its_report_and_tensorboard(tmp_path, mlp_config, model_files):
+  """config.sweep over an NNX model with BatchNorm: two learning rates x two seeds in one
+  program, each replica trained as its own run, with report.png, report.md and TensorBoard
+  events holding the run's numbers."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO_ROOT / 'tests' / 'unit'))
+  from test_train import scalars_from_event_files  # pylint: disable=g-import-not-at-top
+  model_files('bn_nnx', BN_MODEL_FILE)
+  config = bn_mlp_config(mlp_config)
+  config.write_report = config.write_tensorboard = True
+  config.sweep = ml_collections.ConfigDict(dict(learning_rate=(1e-3, 3e-3)))
+  config.num_seeds = 2
+  summary = run(config, tmp_path / 'sweep')
+  assert len(summary['replicas']) == 4
+  assert len(set(summary['param_fingerprint_per_replica'])) == 4
+  losses = summary['test_loss_per_replica']
+  assert summary['best']['replica'] in [r['replica'] for r in summary['replicas']]
+  single = bn_mlp_config(load_config_module().get_config())
+  single.cache_dir, single.download, single.learning_rate = 'none', False, 3e-3
+  single.seed = 1
+  alone = run(single, tmp_path / 'alone')
+  names = [r['replica'] for r in summary['replicas']]
+  i = next(i for i, r in enumerate(summary['replicas'])
+           if r['seed'] == 1 and r['hparams']['learning_rate'] == pytest.approx(3e-3))
+  assert losses[i] == pytest.approx(alone['test_loss'], rel=1e-4), names
+  workdir = tmp_path / 'sweep'
+  assert (workdir / 'report.png').stat().st_size > 10_000
+  assert f"| test accuracy | {summary['test_accuracy']:.4f} |" in (workdir / 'report.md').read_text()
+  scalars = scalars_from_event_files(workdir)
+  final = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+  tag = next(t for t in scalars if t.startswith('test_loss'))
+  assert list(scalars[tag].values())[-1] == pytest.approx(
+      np.ravel(final[tag] if tag in final else final['test_loss'])[0], rel=1e-6), sorted(scalars)
+
+
 def test_the_nnx_cnn_config_trains_on_mock_data(tmp_path):
   config = tiny_cnn_config()
   config.num_epochs = 1
@@ -394,50 +430,3 @@ def test_a_missing_argument_and_one_the_run_sets_are_named(model_files):
     models.check(config)
   del config['image_shape']
   models.check(config)  # Now it is fine.
-
-
-@pytest.mark.slow
-def test_run_py_says_it_in_one_line_with_exit_2(tmp_path, subprocess_env, python):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  config_file = tmp_path / 'bad_field.py'
-  config_file.write_text(textwrap.dedent('''
-      from configs import cnn_nnx
-      def get_config():
-        config = cnn_nnx.get_config()
-        config.model.depth = 3
-        return config
-  '''))
-  out = subprocess.run([python, 'run.py', f'--config={config_file}', f'--workdir={tmp_path}/w',
-                        f'--config.data_dir={tmp_path}/no_data', '--config.download=False'],
-                       cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True,
-                       timeout=300)
-  assert out.returncode == 2, out.stderr
-  lines = out.stderr.strip().splitlines()
-  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
-  assert "config.model.depth is invalid: models.cnn_nnx.Model takes no argument 'depth'" in lines[0]
-  assert not (tmp_path / 'w').exists()
-
-
-@pytest.mark.slow
-def test_8_devices_train_the_nnx_cnn_as_1_device(tmp_path):
-  """Data parallelism (tests/test_parallel.py's drivers, fresh processes): configs/cnn_nnx.py
-  shrunk, with dropout, over 8 fake CPU devices trains as on one, to float tolerance."""
-  import parallel_utils  # pylint: disable=g-import-not-at-top
-  overrides = {'model.features': [4], 'model.hidden_sizes': [8], 'model.dropout_rate': 0.3,
-               'batch_size': 16, 'eval_batch_size': 16, 'num_epochs': 2, 'steps_per_call': 2,
-               'scan_unroll': 1, 'write_report': False}
-  children = [parallel_utils.start(
-      f'devices{n}', dict(out=str(tmp_path / f'out{n}'), num_examples=50,
-                          jobs=[dict(name='nnx', config='cnn_nnx', overrides=overrides,
-                                     workdir=str(tmp_path / f'w{n}'))]),
-      parallel_utils.child_env(n, tmp_path / f'cache{n}'), tmp_path / 'logs') for n in (8, 1)]
-  parallel_utils.wait_all(children, 600)
-  eight, one = (parallel_utils.result(tmp_path / f'out{n}', 'nnx') for n in (8, 1))
-  assert eight['exit_code'] == one['exit_code'] == 0, children[0].describe()
-  assert (eight['device_count'], one['device_count']) == (8, 1)
-  assert len(np.ravel(one['losses'])) == 2 * 4
-  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=1e-5, atol=1e-6)
-  got, want = (parallel_utils.params(tmp_path / f'out{n}', 'nnx') for n in (8, 1))
-  assert sorted(got) == sorted(want) and "['convs']['0']['kernel']" in want
-  for key in want:
-    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
