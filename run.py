@@ -17,6 +17,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mnist_jax.infra import config_files
 from mnist_jax.infra import distributed
 from mnist_jax.infra import errors
 from mnist_jax import config_doc
@@ -57,14 +58,21 @@ def default_workdir(config_path: str) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, but a bad flag or config key is one line on stderr and exit status 2."""
+  """absl's parsing, but a bad flag, config file or config key is one line on stderr and exit
+  status 2."""
   try:
     return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (the config file's code: any error)
     text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split())
     typo = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', text)
     if typo:
       text = f'the config has no field {typo[2]!r}; did you mean {typo[1]!r}?'
+    elif config_files.config_flag(argv):
+      try:  # Which step of loading the file failed, or which override names no field.
+        text = (config_files.unknown_override(config_files.load(config_files.config_flag(argv)),
+                                              argv) or text)
+      except errors.ConfigError as why:
+        text = str(why)
     sweepable = sorted((*sweeps.CONFIG_FIELDS, *sweeps.optimizer_fields()))
     unknown = [m[1] for m in map(re.compile(r'--config\.sweep\.(\w+)').match, argv)
                if m and m[1] not in sweepable]
@@ -82,8 +90,14 @@ def main(argv):
   try:
     config = FLAGS.config
     config.keys()  # A --config file that failed to load raises here, on first use.
-  except OSError as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    config_files.check(config, config_flags.get_config_filename(FLAGS['config']))
+  except (OSError, AttributeError, errors.ConfigError) as e:
+    try:
+      config_files.load(config_flags.get_config_filename(FLAGS['config']))
+      text = ' '.join(str(e).split())
+    except errors.ConfigError as why:
+      text = str(why)
+    print(f'error: {text}', file=sys.stderr)
     sys.exit(2)
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # The run prints its own progress; -v 0 for more.
