@@ -7,7 +7,19 @@ import datetime
 import os
 import pathlib
 import re
+import signal
 import sys
+
+
+def _terminated_while_starting(signum, frame):
+  del signum, frame
+  print('error: SIGTERM while the program started: nothing was written. Run the same command '
+        'again.', file=sys.stderr, flush=True)
+  os._exit(128 + signal.SIGTERM)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':  # From the first import on, a SIGTERM is one line (then main()'s).
+  signal.signal(signal.SIGTERM, _terminated_while_starting)
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data: no C++ chatter.
 
@@ -20,6 +32,7 @@ from ml_collections import config_flags
 from mnist_jax.infra import config_files
 from mnist_jax.infra import distributed
 from mnist_jax.infra import errors
+from mnist_jax.infra import preemption
 from mnist_jax import config_doc
 from mnist_jax import sweeps
 from mnist_jax import train
@@ -87,6 +100,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  preemption.raise_on_sigterm()  # Outside training's own handling: `Terminated`, below.
   try:
     config = FLAGS.config
     config.keys()  # A --config file that failed to load raises here, on first use.
@@ -117,10 +131,15 @@ def main(argv):
     print('error: interrupted (Ctrl-C) outside training; what was written is intact. Run the '
           'same command again to continue.', file=sys.stderr)
     _exit(INTERRUPTED)
+  except preemption.Terminated:  # Outside training (which saves on SIGTERM): nothing to save.
+    print('error: SIGTERM outside training (while the run started or ended); what was written '
+          'is intact. Run the same command again to continue.', file=sys.stderr)
+    _exit(TERMINATED)
   _exit(0, agreed=True)
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped.
+TERMINATED = 143  # 128 + SIGTERM.
 
 
 def _exit(code: int, agreed: bool = False) -> None:

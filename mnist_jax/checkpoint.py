@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 from absl import logging
@@ -122,6 +123,7 @@ class Checkpointer:
     self._unreadable: list[int] = []  # Skipped by restore_latest; set aside before a save.
     self._in_flight: int | None = None  # The step of the save not yet known to be finished.
     self._failed: CheckpointSaveError | None = None
+    self.saves, self.save_seconds = 0, 0.0  # What the saves cost the loop (blocked in save).
 
   def _remove_unfinished(self) -> None:
     """Removes the temporary folders of saves a killed run left unfinished, now.
@@ -146,12 +148,15 @@ class Checkpointer:
   def save(self, step: int, item: Any, run: dict) -> None:
     """Starts an (async) save of the state `item` and the run's identity; the previous save
     is finished first. A failure of either raises CheckpointSaveError."""
+    start = time.perf_counter()
     self.wait()  # The previous save's failure is that save's, not this one's.
     self._set_aside_unreadable()
     with self._saving(step):
       self._manager.save(step, args=ocp.args.Composite(
           **{STATE: ocp.args.StandardSave(item), RUN: ocp.args.JsonSave(run)}), force=True)
     self._in_flight = step
+    self.saves += 1
+    self.save_seconds += time.perf_counter() - start
 
   @contextlib.contextmanager
   def _saving(self, step: int):

@@ -154,7 +154,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir_lib.prepare(workdir)
   is_writer = jax.process_index() == 0  # Only process 0 writes and talks.
   executor, spe = run.executor, run.executor.steps_per_epoch
-  with workdir_lib.guarded(workdir):
+  # The stop handling covers everything after setup, to the summary: a SIGTERM or Ctrl-C at
+  # any point saves (or has saved) the state, then exits with one line (`_stop`).
+  with workdir_lib.guarded(workdir), preemption.Stopper() as stopper:
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.checkpoint_keep,
                                    asynchronous=config.checkpoint_async)
     logger = None
@@ -168,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if loop:
         print(f'resumed from the checkpoint at step {loop.step} in {ckpt.directory}',
               flush=True)
+        _say_if_trained_past(loop.step, spe, config.num_epochs)
       else:
         loop = Loop(run.state, executor.zero_sums(), run.replicas.no_divergence(),
                     _step_of(run.state))
@@ -176,10 +179,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           replica_names=run.replicas.names if len(run.replicas) > 1 else None)
       progress = progress_lib.Progress(config.num_epochs, spe,
                                        None if is_writer else io.StringIO())
+      end_epoch = functools.partial(_end_epoch, run, loop, ckpt, logger, progress, config,
+                                    start)
+      if loop.step % spe == 0 and _has_examples(loop.epoch_sums):
+        # Saved after its epoch's training, before an evaluation that failed: evaluate it now
+        # (its checkpoint stays as saved; the next one supersedes it).
+        end_epoch(loop.step // spe - 1, examples=0, epoch_seconds=0.0, save=False)
+
+      saves_warning = _SavesWarning(config.checkpoint_every_steps, spe)
 
       # --- The epochs, with their hooks: checkpoints, preemption, progress, profile ------
-      with (preemption.Stopper() as stopper,
-            profiler_lib.Profiler(workdir, config.profile and is_writer) as profiler):
+      with profiler_lib.Profiler(workdir, config.profile and is_writer) as profiler:
         for epoch in range(loop.step // spe, config.num_epochs):
           epoch_start = time.perf_counter()
           progress.start_epoch(epoch + 1)
@@ -202,25 +212,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if loop.step % spe and (stop or (every and loop.step // every > previous // every)):
               steps.check_finite(unchecked, loop.diverged, run.replicas.names)
               ckpt.save(loop.step, loop.item(run), run.record)
+              saves_warning.check(ckpt, time.perf_counter() - epoch_start)
             if stop and loop.step % spe:
               _stop(stop, loop.step, ckpt, progress)
           steps.check_finite(unchecked, loop.diverged, run.replicas.names)  # (Waits, too.)
           epoch_seconds = time.perf_counter() - epoch_start
           loop.train_seconds += epoch_seconds
-
-          # --- Evaluation, the epoch's record, its checkpoint ----------------------------
-          alive = run.replicas.alive(loop.diverged)
-          loop.record = dict(
-              epoch=epoch + 1, **metrics.summarize(loop.epoch_sums, 'train_', alive),
-              **metrics.summarize(executor.evaluate(loop.state), 'test_', alive),
-              examples_per_sec=examples / epoch_seconds, epoch_seconds=epoch_seconds,
-              elapsed_s=time.perf_counter() - start)
-          loop.record.update(run.replicas.epoch_summary(loop.record, loop.diverged,
-                                                        run.headline))
-          logger.write(loop.step, loop.record)
-          loop.epoch_sums = executor.zero_sums()
-          ckpt.save(loop.step, loop.item(run), run.record)
-          progress.end_epoch(_epoch_line(loop.record, run, config.num_epochs))
+          end_epoch(epoch, examples=examples, epoch_seconds=epoch_seconds)
           if stop and epoch + 1 < config.num_epochs:
             _stop(stop, loop.step, ckpt, progress)
     finally:  # Also on errors: finish the pending save, so the last checkpoint stays whole.
@@ -234,7 +232,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       hook(loop.state)
 
     # --- The summary and the report -------------------------------------------------------
-    return _finish(workdir, config, run, loop, start, is_writer)
+    summary = _finish(workdir, config, run, loop, start, is_writer)
+    stop = stopper.stop_signal()  # One after the last epoch: all of the above finished first.
+    if stop:
+      raise preemption.Preempted(stop, loop.step, ckpt.directory, complete=True)
+    return summary
+
+
+def _end_epoch(run: Setup, loop: Loop, ckpt: checkpoint.Checkpointer, logger, progress,
+               config: ml_collections.ConfigDict, start: float, epoch: int, *, examples: int,
+               epoch_seconds: float, save: bool = True) -> None:
+  """Evaluation, the epoch's record, its checkpoint. The trained state is saved first if the
+  evaluation fails (the epoch's sums kept: the rerun evaluates it, without training it again)."""
+  alive = run.replicas.alive(loop.diverged)
+  try:
+    evaluated = jax.device_get(run.executor.evaluate(loop.state))
+  except Exception as e:  # pylint: disable=broad-except  (any failure: the training is saved)
+    if save:
+      ckpt.save(loop.step, loop.item(run), run.record)
+      ckpt.wait()
+    progress.close()
+    words = ('ran out of memory' if 'RESOURCE_EXHAUSTED' in str(e)
+             else f'failed ({type(e).__name__}: {errors.first_line(e)})')
+    raise errors.UserError(
+        f'the evaluation after epoch {epoch + 1} {words}, with '
+        f'eval_batch_size={config.eval_batch_size}; the epoch\'s training is saved (the '
+        f'checkpoint at step {loop.step} in {ckpt.directory}). Run again with a smaller '
+        '--config.eval_batch_size (a safe change on resume) to evaluate it and go on.') from None
+  loop.record = dict(
+      epoch=epoch + 1, **metrics.summarize(loop.epoch_sums, 'train_', alive),
+      **metrics.summarize(evaluated, 'test_', alive),
+      examples_per_sec=examples / epoch_seconds if epoch_seconds else 0.0,
+      epoch_seconds=epoch_seconds, elapsed_s=time.perf_counter() - start)
+  loop.record.update(run.replicas.epoch_summary(loop.record, loop.diverged, run.headline))
+  logger.write(loop.step, loop.record)
+  loop.epoch_sums = run.executor.zero_sums()
+  if save:
+    ckpt.save(loop.step, loop.item(run), run.record)
+  progress.end_epoch(_epoch_line(loop.record, run, config.num_epochs))
+
+
+class _SavesWarning:
+  """Warns once when checkpoint_every_steps saves so often that saving takes most of the time."""
+
+  SHARE = 0.5  # Of the epoch's time so far, spent blocked in saves.
+  AFTER = 5  # Saves seen before judging.
+
+  def __init__(self, every: int, steps_per_epoch: int):
+    self.every, self.steps_per_epoch, self.done = every, steps_per_epoch, False
+
+  def check(self, ckpt: checkpoint.Checkpointer, seconds: float) -> None:
+    if self.done or ckpt.saves < self.AFTER or ckpt.save_seconds < self.SHARE * seconds:
+      return
+    self.done = True
+    per_save = ckpt.save_seconds / ckpt.saves
+    print(f'warning: checkpoint_every_steps={self.every} saves '
+          f'{self.steps_per_epoch // self.every} times an epoch, {per_save:.2f} s each: '
+          f'{ckpt.save_seconds / seconds:.0%} of the time so far goes to saving. A larger '
+          f'--config.checkpoint_every_steps (or 0: at epoch ends only) trains faster.',
+          file=sys.stderr, flush=True)
+
+
+def _has_examples(sums) -> bool:
+  return float(np.sum(jax.device_get(sums[metrics.COUNT]))) > 0
+
+
+def _say_if_trained_past(step: int, steps_per_epoch: int, num_epochs: int) -> None:
+  if step > steps_per_epoch * num_epochs:
+    print(f'note: this workdir is already trained past num_epochs={num_epochs}: to step '
+          f'{step} (epoch {-(-step // steps_per_epoch)}); nothing is trained, its newest '
+          'checkpoint is evaluated. Give a larger --config.num_epochs to train on.',
+          flush=True)
 
 
 def _restore(run: Setup, ckpt: checkpoint.Checkpointer) -> tuple[dict | None, Loop | None]:
@@ -310,7 +378,8 @@ def _finish(workdir, config, run: Setup, loop: Loop, start: float, is_writer: bo
   state = loop.state
   summary = dict(
       {k: v for k, v in record.items() if k.startswith(('test_', 'train_'))},
-      epochs=config.num_epochs, steps=_step_of(state), num_params=run.num_params,
+      epochs=max(config.num_epochs, -(-_step_of(state) // run.executor.steps_per_epoch)),
+      steps=_step_of(state), num_params=run.num_params,
       param_fingerprint=writers.fingerprint(state.params, state.model_state),
       train_seconds=loop.train_seconds, total_seconds=time.perf_counter() - start,
       input_mode=run.mode_name, seed=config.seed, num_seeds=config.num_seeds,

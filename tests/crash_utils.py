@@ -106,7 +106,9 @@ class Fault:
       nth Checkpointer.save), 'saved' (right after the nth save returned, its asynchronous write
       in flight), 'tmp_created' (inside Orbax: the nth checkpoint's temporary folder was just
       created, no array written yet), 'before_commit' (inside Orbax: the nth checkpoint is
-      written into its temporary folder and about to be renamed into place).
+      written into its temporary folder and about to be renamed into place), 'close' (before
+      the Checkpointer is closed, after the epochs: the last save may be in flight), 'setup'
+      (before train.setup: nothing loaded yet).
   n: 1-based count of such events in this process.
   do: 'KILL' (SIGKILL), 'TERM' (SIGTERM, as a preemption notice), 'INT' (SIGINT, as Ctrl-C),
       'NAN' (NaN parameters; only with at='before_train_call') or 'WAIT' (pause until the file
@@ -127,7 +129,8 @@ class Fault:
     return f'{self.do}@{self.at}#{self.n}'
 
 
-AT = ('train_call', 'before_train_call', 'save', 'saved', 'tmp_created', 'before_commit')
+AT = ('train_call', 'before_train_call', 'save', 'saved', 'tmp_created', 'before_commit',
+      'close', 'setup')
 DO = ('KILL', 'TERM', 'INT', 'NAN', 'WAIT')
 WAITING_MARK = '.waiting'  # `<release>.waiting` exists while a WAIT fault holds its process.
 
@@ -486,6 +489,22 @@ def _install_hooks(spec: dict, log) -> None:
     faults.fire('saved')
 
   checkpoint.Checkpointer.save = save
+
+  original_close = checkpoint.Checkpointer.close
+
+  def close(self):  # After the epochs, past the loop's signal handling: the last save's wait.
+    faults.fire('close')
+    original_close(self)
+
+  checkpoint.Checkpointer.close = close
+
+  original_setup = train.setup
+
+  def setup(config):  # Before training: the data loads, the state is built.
+    faults.fire('setup')
+    return original_setup(config)
+
+  train.setup = setup
 
   original_create = atomicity.AtomicRenameTemporaryPath.create
   original_finalize = atomicity.AtomicRenameTemporaryPath.finalize

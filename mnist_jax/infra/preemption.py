@@ -28,13 +28,40 @@ _NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT (Ctrl-C)'}
 
 
 class Preempted(errors.UserError):
-  """A stop was requested: the state was saved; rerunning in the same workdir continues."""
+  """A stop was requested: the state was saved; rerunning in the same workdir continues.
 
-  def __init__(self, signum: int, step: int, directory):
-    super().__init__(f'{_NAMES.get(signum, signum)}: saved the checkpoint at step {step} in '
-                     f'{directory}; run again with the same --workdir to continue from it.')
+  `complete`: the signal came after the last epoch's stop check (while the last checkpoint
+  was finished, the summary or the report written), all of which finished first.
+  """
+
+  def __init__(self, signum: int, step: int, directory, complete: bool = False):
+    if complete:
+      text = (f'{_NAMES.get(signum, signum)}: training is complete and saved (the checkpoint '
+              f'at step {step} in {directory}, and summary.json); a rerun has nothing left to '
+              'train.')
+    else:
+      text = (f'{_NAMES.get(signum, signum)}: saved the checkpoint at step {step} in '
+              f'{directory}; run again with the same --workdir to continue from it.')
+    super().__init__(text)
     self.exit_code = 128 + signum  # As a shell reports a process that signal stopped.
     self.agreed = True  # stop_signal() made it every process's decision, at the same step.
+
+
+class Terminated(BaseException):
+  """SIGTERM outside a `Stopper` (after `raise_on_sigterm`): while a run starts or ends, with
+  no training in flight to save. A BaseException, as KeyboardInterrupt is, so that no
+  `except Exception` swallows it; `finally` blocks run as it passes."""
+
+
+def raise_on_sigterm() -> None:
+  """SIGTERM raises `Terminated` from now on, wherever no `Stopper` handles it (main thread)."""
+
+  def handle(signum, frame):
+    del signum, frame
+    raise Terminated()
+
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, handle)
 
 
 class Stopper:

@@ -91,6 +91,10 @@ SCENARIOS = {
     # Promise 4: SIGTERM mid-epoch (and at an epoch's last call); 3 checkpoints kept here.
     'sigterm': dict(starts=[(Fault('train_call', 4, 'TERM'),), ()], args=dict(checkpoint_keep=3)),
     'sigterm_epoch_end': dict(starts=[(Fault('train_call', 3, 'TERM'),), ()]),
+    # SIGTERM after the last epoch, while the last checkpoint is being finished; and before
+    # training starts (while the data loads).
+    'sigterm_after_training': dict(starts=[(Fault('close', 1, 'TERM'),), ()]),
+    'sigterm_in_setup': dict(starts=[(Fault('setup', 1, 'TERM'),), ()]),
     # Stopped mid-epoch with calls of 2 steps (as in a terminal), resumed with whole-epoch calls
     # (as under nohup): a resumed chunk with empty steps (guarded), then unguarded epochs.
     'sigterm_then_whole_epochs': dict(
@@ -420,6 +424,35 @@ def test_sigterm_at_an_epoch_end_keeps_the_epoch_metrics(runs):
             map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())}
 
   assert metrics_by_epoch(run['workdir']) == metrics_by_epoch(reference['workdir'])  # ...these not.
+
+
+def test_sigterm_after_the_last_epoch_loses_nothing(runs):
+  """The last checkpoint is finished, the summary written, one line and exit 143; the rerun
+  trains no step again."""
+  run = get(runs, 'sigterm_after_training')
+  term, restart = run['starts']
+  result = term['result']
+  assert result.returncode == 143, result.explain()
+  assert not result.has_traceback(), result.explain()
+  [line] = result.error_lines()
+  assert line.startswith('error: SIGTERM') and 'training is complete' in line, line
+  assert term['steps'][-1] == cu.TOTAL_STEPS and term['tmp'] == []
+  assert cu.read_json(run['workdir'] / 'summary.json')['steps'] == cu.TOTAL_STEPS
+  assert restart['result'].returncode == 0, restart['result'].explain()
+  assert_finished_like(run, get(runs, 'reference'))
+  trained = [json.loads(l)['step'] for l in run['record'].read_text().splitlines()]
+  assert sorted(trained) == list(range(1, cu.TOTAL_STEPS + 1))  # Each step trained once.
+
+
+def test_sigterm_before_training_is_one_line(runs):
+  run = get(runs, 'sigterm_in_setup')
+  term = run['starts'][0]['result']
+  assert term.returncode == 143, term.explain()
+  assert not term.has_traceback(), term.explain()
+  [line] = term.error_lines()
+  assert line.startswith('error: SIGTERM') and 'run the same command again' in line.lower()
+  assert run['starts'][0]['steps'] == []
+  assert_finished_like(run, get(runs, 'reference'))
 
 
 # --- 5. NaN / Inf: stop naming the metric and step; no checkpoint of the bad state -----------
