@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -284,6 +285,53 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       if not self._failed:  # (A failed save raises again here: already said.)
         raise
+
+
+class NoCheckpoint(errors.UserError):
+  pass
+
+
+def restore_part(directory: epath.Path, part: dict, step: int | None = None) -> tuple[dict, int]:
+  """Part of the saved training state, read only: `part` names the `TrainState` fields to read,
+  as abstract arrays (e.g. {'params': ..., 'model_state': ...}: a model without its optimizer
+  state, for inference), from the newest checkpoint that restores, or from `step`'s.
+
+  Orbax's partial restore (`PyTreeRestore(partial_restore=True)`) reads only those arrays.
+  """
+  directory = storage.as_path(directory)
+  orbax_logs.quiet()
+  manager = ocp.CheckpointManager(
+      directory, item_names=(STATE, RUN),
+      options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(), RUN: ocp.JsonCheckpointHandler()})
+  try:
+    saved = sorted(manager.all_steps()) if directory.is_dir() else []
+    if not saved:
+      raise NoCheckpoint(f'no checkpoint in {directory}: train first, with --mode=train and '
+                         'this --workdir.')
+    if step is not None and step not in saved:
+      raise NoCheckpoint(f'no checkpoint at step {step} in {directory}; it holds steps '
+                         f'{saved}.')
+    item = {STATE: part}
+    args = ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)
+    for candidate in reversed([step] if step is not None else saved):
+      try:
+        restored = manager.restore(candidate, args=ocp.args.Composite(**{STATE: args}))
+      except Exception as e:  # pylint: disable=broad-except
+        why = f'{type(e).__name__}: {errors.first_line(e)}'
+        if step is not None:
+          raise NoCheckpoint(f'the checkpoint at step {step} in {directory} cannot be '
+                             f'restored ({why}).') from None
+        print(f'warning: checkpoint at step {candidate} in {directory} is unreadable ({why}); '
+              'trying an older one.', file=sys.stderr, flush=True)
+        continue
+      return restored[STATE][STATE], candidate
+    raise NoCheckpoint(f'none of the checkpoints in {directory} (steps {saved}) can be '
+                       'restored.')
+  finally:
+    manager.close()
 
 
 def _save_failure(e: BaseException) -> str:

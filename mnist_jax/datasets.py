@@ -305,3 +305,82 @@ def find(dataset: str, image_size: tuple[int, ...] = ()):
   if not colon or kind not in SOURCES:
     return None
   return SOURCES[kind](dataset, location, image_size)
+
+
+# --- Images to predict: any file, converted to what a model was trained on ------------------
+
+PREDICT_SUFFIXES = (*IMAGE_SUFFIXES, '.npy')
+
+
+def read_for_model(path: str, image_shape: tuple[int, int, int]) -> list[np.ndarray]:
+  """A PNG or JPEG file (one image) or an .npy file (one image, or a stack of them) as uint8
+  images of `image_shape` (H, W, C), converted as `conform_image` says. Raises UserError,
+  naming the file, when it cannot be read or converted."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if path.lower().endswith('.npy'):
+    try:
+      array = np.load(path, allow_pickle=False)
+    except Exception as e:  # pylint: disable=broad-except  (OS, value, pickle errors)
+      raise errors.UserError(f'cannot read {path} ({type(e).__name__}: '
+                             f'{errors.first_line(e) or "unreadable"}).') from None
+    return [conform_image(image, image_shape, path) for image in _npy_images(array, path)]
+  try:
+    with Image.open(path) as image:
+      image = image.convert('L' if image.mode in _GRAY_MODES else 'RGB')
+      array = np.asarray(image, np.uint8)
+  except Exception as e:  # pylint: disable=broad-except  (PIL: OSError, SyntaxError, ...)
+    raise errors.UserError(f'cannot read {path} ({type(e).__name__}: '
+                           f'{" ".join(str(e).split()) or "unreadable"}).') from None
+  return [conform_image(array, image_shape, path)]
+
+
+def _npy_images(array: np.ndarray, path: str) -> list[np.ndarray]:
+  """[H, W] and [H, W, C] are one image; [N, H, W] and [N, H, W, C] are N. A 3-D array is
+  [H, W, C] when its last axis is at most 4 long (then C must be 1 or 3), else [N, H, W]."""
+  one = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] <= 4)
+  if not one and array.ndim not in (3, 4):
+    raise errors.UserError(f'cannot convert {path}: it holds {array.dtype}{list(array.shape)}; '
+                           'expected [H, W], [H, W, C] or a stack [N, H, W(, C)], C 1 or 3.')
+  return [array] if one else list(array)
+
+
+def conform_image(image: np.ndarray, image_shape: tuple[int, int, int],
+                  what: str = 'the image') -> np.ndarray:
+  """Any image as the dataset's: uint8 [H, W, C] of `image_shape`.
+
+  * Values: uint8 as they are; floats in [0, 1] as round(x * 255) (as an .npz dataset's).
+  * Channels: a colour image becomes gray by PIL's luma (L = 0.299 R + 0.587 G + 0.114 B)
+    for a 1-channel dataset; a gray one is repeated into 3 channels for a colour dataset.
+  * Size: resized to (H, W), bilinear (PIL), as `config.image_size` resizes an image folder.
+    The aspect ratio is not kept: crop first for that.
+  Nothing else changes: MNIST's digits are white (255) on black (0), and a dark digit on white
+  paper must be inverted first (255 - image).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.asarray(image)
+  shape = f'{image.dtype}{list(image.shape)}'
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3) or 0 in image.shape:
+    raise errors.UserError(f'cannot convert {what}: it holds {shape}; expected an image '
+                           '[H, W] or [H, W, C], C 1 or 3.')
+  if image.dtype.kind == 'f':
+    low, high = (float(image.min()), float(image.max()))
+    if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= 1):
+      raise errors.UserError(f'cannot convert {what}: its values are in [{low:g}, {high:g}]; '
+                             'expected floats in [0, 1] or uint8 in [0, 255].')
+    image = np.round(image * 255).astype(np.uint8)
+  elif image.dtype != np.uint8:
+    raise errors.UserError(f'cannot convert {what}: it holds {shape}; expected uint8 in '
+                           '[0, 255] or floats in [0, 1].')
+  height, width, channels = image_shape
+  if image.shape == tuple(image_shape):
+    return image
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  if channels == 1 and pil.mode != 'L':
+    pil = pil.convert('L')
+  if pil.size != (width, height):
+    pil = pil.resize((width, height), Image.Resampling.BILINEAR)
+  array = np.asarray(pil, np.uint8)
+  array = array[..., None] if array.ndim == 2 else array
+  return np.repeat(array, 3, -1) if channels == 3 and array.shape[-1] == 1 else array

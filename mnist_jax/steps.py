@@ -283,12 +283,20 @@ def check_finite(unchecked: list, diverged: np.ndarray | None = None,
   unchecked.clear()
 
 
+def probabilities(apply_fn, variables, image_BxHxWxC: jax.Array, *,
+                  model_takes_mask: bool = False) -> jax.Array:
+  """Class probabilities [B, C] in evaluation mode: what evaluation, the report, inference and
+  the exported models compute. Images are uint8 (the dataset's own) or float32 in [0, 1]."""
+  images = (augment.preprocess(image_BxHxWxC) if image_BxHxWxC.dtype == jnp.uint8
+            else image_BxHxWxC.astype(jnp.float32))
+  kwargs = dict(mask=jnp.ones(images.shape[:1], jnp.float32)) if model_takes_mask else {}
+  return jax.nn.softmax(apply_fn(variables, images, train=False, **kwargs))
+
+
 @functools.partial(jax.jit, static_argnames='task')
 def _probabilities(state: TrainState, image_BxHxWxC: jax.Array, task: Task) -> jax.Array:
-  mask_B = jnp.ones(image_BxHxWxC.shape[:1], jnp.float32)
-  logits, _ = _logits(task, state, state.params, augment.preprocess(image_BxHxWxC), mask_B,
-                      train=False)
-  return jax.nn.softmax(logits)
+  return probabilities(state.apply_fn, {'params': state.params, **state.model_state},
+                       image_BxHxWxC, model_takes_mask=task.model_takes_mask)
 
 
 def predict(state: TrainState, images: np.ndarray, batch_size: int,

@@ -332,7 +332,10 @@ def _stop(signal: int, step: int, ckpt: checkpoint.Checkpointer, progress) -> No
 def _write_header(workdir: epath.Path, config, run: Setup) -> None:
   storage.write_json_atomic(workdir / 'config.json', dict(config.to_dict(), resolved=dict(
       input_mode=run.mode_name, data_dir=input_pipeline.resolve_data_dir(config.data_dir) or '',
-      cache_dir=str(run.cache_dir or ''))))
+      cache_dir=str(run.cache_dir or ''),
+      # What inference.load needs to rebuild the model without the data.
+      dataset=dict(name=run.info.name, image_shape=list(run.info.image_shape),
+                   num_classes=run.info.num_classes, class_names=list(run.info.class_names)))))
   print(f'{run.info.name}: {len(run.executor.train):,} train / {len(run.executor.eval):,} '
         f'test examples, {run.num_params:,} parameters, input_mode={run.mode_name}, '
         f'{jax.device_count()}x {jax.devices()[0].device_kind}', flush=True)

@@ -66,5 +66,6 @@ def _drop_failed_save_logs(record: std_logging.LogRecord) -> bool:
 def _drop_read_only_notes(record: std_logging.LogRecord) -> bool:
   """Orbax's warnings that a read-only manager (`--mode=evaluate`) is read only: as asked."""
   note = (record.levelno == std_logging.WARNING and 'orbax' in record.pathname
-          and 'read_only=True' in record.getMessage())
+          and ('read_only=True' in record.getMessage()
+               or 'directory is read only' in record.getMessage()))
   return not note

@@ -1,0 +1,148 @@
+"""inference.load and predict, in process: the model a workdir holds, and how images convert.
+
+tests/system/test_predict_export.py runs run.py's --mode=predict and --mode=export in fresh
+processes, and the exported artifacts without mnist_jax.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from predict_utils import CLASSES
+from predict_utils import trained
+from mnist_jax import datasets
+from mnist_jax import inference
+from mnist_jax import writers
+from mnist_jax.infra import errors
+
+@pytest.mark.parametrize('name', ['mlp', 'cnn_bn', 'cnn_nnx'])
+def test_load_gives_the_trained_model(tmp_path, name):
+  workdir, summary, arrays = trained(tmp_path, name)
+  model = inference.load(str(workdir), cache_dir='none')
+  assert model.class_names == CLASSES and model.image_shape == (28, 28, 1)
+  assert model.step == summary['steps'] and model.replica is None
+  assert model.summary['param_fingerprint'] == summary['param_fingerprint']
+  params, rest = model.variables['params'], {k: v for k, v in model.variables.items()
+                                             if k != 'params'}
+  assert writers.fingerprint(params, rest) == summary['param_fingerprint']  # Every array.
+  assert ('batch_stats' in rest) == (name == 'cnn_bn')
+  probs = model.predict(arrays['test_images'])
+  assert probs.shape == (21, 3) and probs.dtype == np.float32
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  accuracy = np.mean(probs.argmax(-1) == arrays['test_labels'])
+  assert accuracy == pytest.approx(summary['test_accuracy'], abs=1e-6)
+  # Floats in [0, 1] are the same images; [B, H, W] is one channel.
+  np.testing.assert_allclose(model.predict(arrays['test_images'].astype(np.float32) / 255),
+                             probs, atol=1e-6)
+  np.testing.assert_allclose(model.predict(arrays['test_images'][..., 0]), probs, atol=1e-6)
+
+
+def test_predict_pads_batches_and_matches_the_report_function(tmp_path):
+  workdir, _, arrays = trained(tmp_path, 'cnn_bn')
+  model = inference.load(str(workdir), cache_dir='none', batch_size=8)
+  images = arrays['test_images']  # 21: batches of 8, 8 and 5 (padded to 8).
+  probs = model.predict(images)
+  singles = np.concatenate([model.predict(images[i:i + 1]) for i in range(len(images))])
+  np.testing.assert_allclose(singles, probs, atol=1e-6)  # Padding changes no example.
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['resolved']['dataset']['class_names'] == list(CLASSES)
+  assert model.predict(images[:0]).shape == (0, 3)
+  with pytest.raises(ValueError, match=r'this model takes \(28, 28, 1\)'):
+    model.predict(np.zeros((2, 14, 14, 1), np.uint8))
+
+
+def test_load_reads_an_older_step(tmp_path):
+  workdir, summary, _ = trained(tmp_path, 'mlp', checkpoint_keep=5)
+  steps_per_epoch = summary['steps'] // 3
+  model = inference.load(str(workdir), step=steps_per_epoch, cache_dir='none')
+  assert model.step == steps_per_epoch
+  assert writers.fingerprint(model.variables['params']) != summary['param_fingerprint']
+  with pytest.raises(errors.UserError, match=r'no checkpoint at step 5 in .*holds steps \[6, 12, 18\]'):
+    inference.load(str(workdir), step=5, cache_dir='none')
+
+
+def test_replicas_default_to_the_best_and_are_chosen_by_name_or_index(tmp_path):
+  workdir, summary, arrays = trained(tmp_path, 'mlp', num_seeds=3)
+  scores = summary['test_accuracy_per_replica']
+  names = [row['replica'] for row in summary['replicas']]
+  best = inference.load(str(workdir), cache_dir='none')
+  assert best.replica == names[int(np.argmax(scores))]
+  for i, name in enumerate(names):
+    by_name = inference.load(str(workdir), replica=name, cache_dir='none')
+    by_index = inference.load(str(workdir), replica=i, cache_dir='none')
+    assert by_name.replica == by_index.replica == name
+    assert (writers.fingerprint(by_name.variables['params'])
+            == summary['param_fingerprint_per_replica'][i])
+    accuracy = np.mean(by_index.predict(arrays['test_images']).argmax(-1)
+                       == arrays['test_labels'])
+    assert accuracy == pytest.approx(scores[i], abs=1e-6)
+  with pytest.raises(inference.NotAModel, match='replica 3 is out of range: .* 3 replicas'):
+    inference.load(str(workdir), replica=3, cache_dir='none')
+  with pytest.raises(inference.NotAModel, match="no replica 'seed=9'; it holds: seed=0"):
+    inference.load(str(workdir), replica='seed=9', cache_dir='none')
+
+
+def test_a_workdir_without_a_model_is_one_clear_error(tmp_path):
+  with pytest.raises(inference.NotAModel, match='does not exist'):
+    inference.load(str(tmp_path / 'nowhere'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(inference.NotAModel, match='holds no run'):
+    inference.load(str(tmp_path / 'empty'))
+  workdir, _, _ = trained(tmp_path, 'mlp')
+  for path in sorted((workdir / 'checkpoints').iterdir()):
+    for child in sorted(path.rglob('*'), reverse=True):
+      child.unlink() if child.is_file() else child.rmdir()
+    path.rmdir()
+  with pytest.raises(errors.UserError, match='no checkpoint in .*train first'):
+    inference.load(str(workdir), cache_dir='none')
+
+
+# --- Conversion of any image to the dataset's format ------------------------------------------
+
+def test_conform_image_converts_values_channels_and_size():
+  gray = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+  assert datasets.conform_image(gray, (28, 28, 1)).shape == (28, 28, 1)
+  np.testing.assert_array_equal(datasets.conform_image(gray, (28, 28, 1))[..., 0], gray)
+  np.testing.assert_array_equal(  # Floats in [0, 1]: round(x * 255).
+      datasets.conform_image(gray / 255.0, (28, 28, 1))[..., 0], gray)
+  rgb = np.zeros((28, 28, 3), np.uint8)
+  rgb[..., 0] = 100  # Pure red: PIL's luma 0.299 * 100 = 29.9.
+  assert np.all(datasets.conform_image(rgb, (28, 28, 1)) == 30)
+  color = datasets.conform_image(gray, (28, 28, 3))  # Gray repeated into 3 channels.
+  assert color.shape == (28, 28, 3) and np.all(color == gray[..., None])
+  big = np.full((56, 84), 200, np.uint8)  # Resized, bilinear, aspect ratio not kept.
+  small = datasets.conform_image(big, (28, 28, 1))
+  assert small.shape == (28, 28, 1) and np.all(small == 200)
+
+
+@pytest.mark.parametrize('image, words', [
+    (np.zeros((5,), np.uint8), r'holds uint8\[5\]'),
+    (np.zeros((28, 28, 2), np.uint8), r'holds uint8\[28, 28, 2\]'),
+    (np.full((28, 28), 1.5), r'values are in \[1.5, 1.5\]'),
+    (np.full((28, 28), np.nan, np.float32), r'values are in \[nan, nan\]'),
+    (np.zeros((28, 28), np.int64), r'holds int64\[28, 28\]; expected uint8'),
+])
+def test_conform_image_refuses_what_it_cannot_convert(image, words):
+  with pytest.raises(errors.UserError, match=rf'cannot convert x.npy: (it |its )?{words}'):
+    datasets.conform_image(image, (28, 28, 1), 'x.npy')
+
+
+def test_read_for_model_reads_png_jpeg_and_npy_stacks(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rgb = np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(np.uint8)
+  Image.fromarray(rgb).save(tmp_path / 'a.png')
+  Image.fromarray(rgb).save(tmp_path / 'a.jpg')
+  np.save(tmp_path / 'stack.npy', np.zeros((4, 28, 28), np.uint8))
+  np.save(tmp_path / 'one.npy', np.zeros((28, 28, 1), np.float32))
+  png = datasets.read_for_model(str(tmp_path / 'a.png'), (28, 28, 1))
+  expected = np.asarray(Image.fromarray(rgb).convert('L').resize((28, 28),
+                                                                 Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(png[0][..., 0], expected)
+  assert datasets.read_for_model(str(tmp_path / 'a.jpg'), (28, 28, 3))[0].shape == (28, 28, 3)
+  assert len(datasets.read_for_model(str(tmp_path / 'stack.npy'), (28, 28, 1))) == 4
+  assert len(datasets.read_for_model(str(tmp_path / 'one.npy'), (28, 28, 1))) == 1
+  (tmp_path / 'bad.png').write_bytes(b'not an image')
+  with pytest.raises(errors.UserError, match=r'cannot read .*bad.png \(UnidentifiedImageError'):
+    datasets.read_for_model(str(tmp_path / 'bad.png'), (28, 28, 1))
+
