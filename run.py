@@ -34,6 +34,8 @@ from mnist_jax.infra import distributed
 from mnist_jax.infra import errors
 from mnist_jax.infra import preemption
 from mnist_jax import config_doc
+from mnist_jax import export
+from mnist_jax import inference
 from mnist_jax import sweeps
 from mnist_jax import train
 from mnist_jax.infra import process
@@ -52,9 +54,19 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where the run writes its outputs; default: '
                     'workdirs/<config name>-<date>-<time>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'export'],
                   'train: train (resuming from the newest checkpoint in the workdir, if any) and '
-                  'evaluate; evaluate: evaluate the newest checkpoint in --workdir, no training.')
+                  'evaluate; evaluate: evaluate the newest checkpoint in --workdir, no training; '
+                  'predict: classify --images with the model in --workdir; export: write it '
+                  'to <workdir>/export/ (jax.export, ONNX).')
+flags.DEFINE_string('images', '', 'For --mode=predict: a glob (quoted) of PNG, JPEG or .npy '
+                    'files, or a folder.')
+flags.DEFINE_string('output', '', 'For --mode=predict: a CSV file to write '
+                    '(path,prediction,probability) instead of printing the lines.')
+flags.DEFINE_integer('step', 0, 'For --mode=predict/export: the checkpoint step (default: the '
+                     'newest valid one).')
+flags.DEFINE_string('replica', '', 'For --mode=predict/export in a workdir of several '
+                    'replicas (seeds, a sweep): its name or index (default: the best).')
 flags.DEFINE_bool('distributed', False, 'Initialize JAX\'s multi-process runtime (auto-detected '
                   'on TPU pods, Slurm and Open MPI; else give the three flags below).')
 flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for --distributed.')
@@ -62,7 +74,14 @@ flags.DEFINE_integer('num_processes', 0, 'Number of processes, for --distributed
 flags.DEFINE_integer('process_id', -1, 'This process\'s index, for --distributed.')
 flags.mark_flags_as_required(['config'])
 
-MODES = {'train': train.train_and_evaluate, 'evaluate': train.evaluate_checkpoint}
+MODES = {
+    'train': train.train_and_evaluate,
+    'evaluate': train.evaluate_checkpoint,
+    'predict': lambda config, workdir: inference.predict_files(
+        config, workdir, FLAGS.images, FLAGS.output, FLAGS.replica, FLAGS.step),
+    'export': lambda config, workdir: export.export(config, workdir, FLAGS.step, FLAGS.replica),
+}
+USES_A_TRAINED_WORKDIR = ('evaluate', 'predict', 'export')
 
 
 def default_workdir(config_path: str) -> str:
@@ -119,8 +138,12 @@ def main(argv):
     if not FLAGS.workdir:
       raise app.UsageError('--distributed needs --workdir (every process must use the same).')
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.mode in USES_A_TRAINED_WORKDIR and not FLAGS.workdir:
+    print(f'error: --mode={FLAGS.mode} needs --workdir: the folder of a trained run.',
+          file=sys.stderr)
+    sys.exit(2)
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and FLAGS.mode != 'predict':  # (Its stdout is the predictions.)
     print(f'workdir: {workdir}', flush=True)
   try:
     MODES[FLAGS.mode](config, workdir)
