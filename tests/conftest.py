@@ -63,6 +63,15 @@ def tiny_config(name: str = 'mlp', **overrides):
                 **overrides)
 
 
+def readme_example(tag: str) -> str:
+  """The Python block that follows `<!-- example: TAG -->` in the README."""
+  import re  # pylint: disable=g-import-not-at-top
+  readme = (REPO_ROOT / 'README.md').read_text()
+  match = re.search(rf'<!-- example: {re.escape(tag)} -->\n```python\n(.*?)```', readme, re.S)
+  assert match, f'no example {tag!r} in the README'
+  return match.group(1)
+
+
 def real_data_available() -> bool:
   return any((REAL_DATA_DIR / 'mnist').glob('*/mnist-train.tfrecord*'))
 

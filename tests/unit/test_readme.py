@@ -45,6 +45,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conftest import readme_example  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conftest import shrink  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mnist_jax import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mnist_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -55,12 +56,7 @@ from mnist_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-
 NUM_EXAMPLES = 24
 
 
-def example(tag: str) -> str:
-  """The Python block that follows `<!-- example: TAG -->` in the README."""
-  readme = (REPO / 'README.md').read_text()
-  match = re.search(rf'<!-- example: {re.escape(tag)} -->\n```python\n(.*?)```', readme, re.S)
-  assert match, f'no example {tag!r} in the README'
-  return match.group(1)
+example = readme_example  # The Python block that follows `<!-- example: TAG -->`.
 
 
 def add_to_module(module, registry: str, tag: str, monkeypatch):
