@@ -89,6 +89,14 @@ def default_workdir(config_path: str) -> str:
   return str(pathlib.Path('workdirs') / f'{pathlib.Path(config_path).stem}-{stamp}')
 
 
+# Fields a sweep cannot vary, and why: they change the program, not a value in it.
+NOT_SWEEPABLE = {
+    'ema_decay': 'whether there is an average changes the state every replica carries',
+    'grad_accum_steps': 'the micro-batches are the shape of the step, shared by the replicas',
+    'compute_dtype': 'the dtype is the compiled program\'s, shared by the replicas',
+}
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, but a bad flag, config file or config key is one line on stderr and exit
   status 2."""
@@ -111,6 +119,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     if unknown:
       text = (f'the config has no field {"sweep." + unknown[0]!r}; fields that can be swept: '
               f"{', '.join(sweepable)}.")
+      if unknown[0] in NOT_SWEEPABLE:
+        text = (f'config.{unknown[0]} cannot be swept: {NOT_SWEEPABLE[unknown[0]]}; give one '
+                f'value (--config.{unknown[0]}=...) and sweep another field.')
     print(f'error: {text} (python run.py --help lists the flags and config fields)',
           file=sys.stderr)
     sys.exit(2)

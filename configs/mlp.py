@@ -91,6 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 5  # Passes over the training set.
   config.batch_size = 128  # Global batch; the last batch of an epoch is padded and masked.
   config.eval_batch_size = 1000  # Evaluation batch (padded and masked too).
+  # Gradient accumulation: each update averages the gradients of this many micro-batches of
+  # batch_size / grad_accum_steps examples, run one after another (less memory; the same
+  # update as the whole batch, except that BatchNorm sees each micro-batch's statistics). 1: off.
+  config.grad_accum_steps = 1
+  # A moving average of the parameters (and of BatchNorm's statistics), debiased as
+  # optax.ema(debias=True) does, e.g. 0.999; 0: off. Every epoch evaluates both the raw and
+  # the averaged weights; --mode=evaluate, predict and export use the average.
+  config.ema_decay = 0.0
   # Train steps run per jitted call (a lax.scan over them); 0 means a whole epoch per call.
   config.steps_per_call = 0
   # lax.scan's unroll for those calls; XLA:CPU runs convolutions ~10x faster unrolled.

@@ -93,9 +93,16 @@ def run_record(config: ml_collections.ConfigDict, train_examples: int, steps_per
   return json.loads(json.dumps(record))  # As JSON gives it back: tuples are lists.
 
 
+# Fields added after checkpoints were first written, with the value that means "off": a
+# checkpoint without one was written with it off, and is the same run as one that has it so.
+ADDED_FIELDS = {'grad_accum_steps': 1, 'ema_decay': 0.0}
+
+
 def identity(record: dict) -> dict:
-  """What a run is: its record less the fields a resumed run may change (RESUMABLE_FIELDS)."""
-  return {k: v for k, v in record.items() if k.split('.')[0] not in RESUMABLE_FIELDS}
+  """What a run is: its record less the fields a resumed run may change (RESUMABLE_FIELDS),
+  and less added fields at their "off" value (ADDED_FIELDS)."""
+  return {k: v for k, v in record.items() if k.split('.')[0] not in RESUMABLE_FIELDS
+          and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
 
 class Checkpointer:
@@ -299,6 +306,7 @@ def restore_part(directory: epath.Path, part: dict, step: int | None = None) -> 
   Orbax's partial restore (`PyTreeRestore(partial_restore=True)`) reads only those arrays.
   """
   directory = storage.as_path(directory)
+  directory = directory if storage.is_remote(directory) else directory.absolute()  # (Orbax's.)
   orbax_logs.quiet()
   manager = ocp.CheckpointManager(
       directory, item_names=(STATE, RUN),

@@ -41,9 +41,10 @@ def _names(config: dict) -> tuple[str, str]:
 
 
 def metric_names(record: dict) -> list[str]:
-  """'loss', then the metrics of a record in their order (its 'test_<name>' keys)."""
-  names = [k[len('test_'):] for k in record
-           if k.startswith('test_') and not k.endswith(('_std', '_per_replica'))]
+  """'loss', then the metrics of a record in their order (its 'test_<name>' keys; the EMA's
+  'test_ema_<name>' are those metrics' of the averaged weights)."""
+  names = [k[len('test_'):] for k in record if k.startswith('test_')
+           and not k.startswith('test_ema_') and not k.endswith(('_std', '_per_replica'))]
   return ['loss'] + [name for name in names if name != 'loss']
 
 
@@ -71,8 +72,10 @@ def worst_errors(images, labels_N, probs_NxC, limit: int = MAX_WORST) -> dict:
 
 def _plot_curves(ax, history: list[dict], metric: str) -> None:
   epochs = [record['epoch'] for record in history]
-  for split, style in (('train', 'o-'), ('test', 's-')):
-    ax.plot(epochs, [record[f'{split}_{metric}'] for record in history], style, label=split)
+  for split, style in (('train', 'o-'), ('test', 's-'), ('test_ema', 'd--')):
+    if f'{split}_{metric}' in history[-1]:  # test_ema: the EMA's weights (config.ema_decay).
+      ax.plot(epochs, [record[f'{split}_{metric}'] for record in history], style,
+              label=split.replace('_', ' '))
   ax.set(title=f'{metric} per epoch', xlabel='epoch', ylabel=metric)
   if len(epochs) <= 20:
     ax.set_xticks(epochs)
@@ -213,8 +216,8 @@ def _plot_sweep(ax, summary: dict, name: str) -> None:
 
 def _final_rows(summary: dict) -> list[tuple[str, str]]:
   names = metric_names(summary)
-  formats = [(f'{split}_{name}', f"{split} {name.replace('_', ' ')}", '{:.4f}')
-             for split in ('test', 'train') for name in names[1:] + names[:1]]
+  formats = [(f'{split}_{name}', f"{split.replace('_', ' ')} {name.replace('_', ' ')}", '{:.4f}')
+             for split in ('test', 'test_ema', 'train') for name in names[1:] + names[:1]]
   formats += [('epochs', 'epochs', '{}'),
              ('steps', 'steps', '{:,}'), ('num_params', 'parameters', '{:,}'),
              ('param_fingerprint', 'parameter fingerprint', '`{}`'),

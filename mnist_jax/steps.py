@@ -46,6 +46,9 @@ class TrainState(train_state.TrainState):
   rng: jax.Array  # Folded with the step for per-step randomness (dropout, augmentation).
   model_state: dict[str, Any]  # The model's mutable collections, e.g. {'batch_stats': ...}.
   loss_hparams: dict[str, Any]  # Swept loss arguments (sweeps.py), e.g. label_smoothing.
+  # config.ema_decay > 0: optax.ema's state over {'params', 'model_state'} (the average, not
+  # yet debiased, and its count); {} when off. `ema_weights` gives the debiased average.
+  ema: Any = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +63,16 @@ class Task:
   metrics: tuple[str, ...] = ('accuracy',)
   augment: str = ''
   model_takes_mask: bool = False  # The model's __call__ takes `mask` (e.g. for BatchNorm).
+  grad_accum_steps: int = 1  # Micro-batches per update (config.grad_accum_steps).
+  ema_decay: float = 0.0  # The parameters' moving average (config.ema_decay); 0: none.
 
   @classmethod
   def from_config(cls, config, model: nn.Module) -> 'Task':
     return cls(loss=config.loss, loss_kwargs=tuple(sorted(config.loss_kwargs.items())),
                metrics=tuple(config.metrics), augment=config.augment,
-               model_takes_mask=takes_mask(model))
+               model_takes_mask=takes_mask(model),
+               grad_accum_steps=config.get('grad_accum_steps', 1),
+               ema_decay=float(config.get('ema_decay', 0.0)))
 
   @property
   def value_names(self) -> tuple[str, ...]:
@@ -88,12 +95,38 @@ def takes_mask(model: nn.Module) -> bool:
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...]) -> TrainState:
+                       image_shape: tuple[int, ...], ema_decay: float = 0.0) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   variables = dict(model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32)))
   params = variables.pop('params')
+  ema = optax.ema(ema_decay).init(dict(params=params, model_state=variables)) if ema_decay else {}
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng,
-                           model_state=variables, loss_hparams={})
+                           model_state=variables, loss_hparams={}, ema=ema)
+
+
+def ema_weights(state: TrainState, decay: float) -> TrainState:
+  """The state with its parameters and model collections replaced by their debiased moving
+  average, for evaluation."""
+  average = debiased(state.ema, decay)
+  return state.replace(params=average['params'], model_state=average['model_state'])
+
+
+def debiased(ema: optax.EmaState, decay: float):
+  """optax.ema's debiasing of its average: average / (1 - decay^count); for a
+  replica-stacked state too (count [R])."""
+  correction = 1.0 - jnp.asarray(decay, jnp.float32) ** ema.count
+
+  def debias(leaf):
+    c = correction.reshape(correction.shape + (1,) * (leaf.ndim - correction.ndim))
+    return (leaf / c).astype(leaf.dtype)
+
+  return jax.tree.map(debias, ema.ema)
+
+
+def fingerprinted(state: TrainState) -> tuple[Any, dict[str, Any]]:
+  """What the parameter fingerprint covers: the parameters, then the model's collections and,
+  with an EMA, its state (count and average): everything a resume must restore exactly."""
+  return state.params, dict(state.model_state, **({'ema': state.ema} if state.ema else {}))
 
 
 def _logits(task: Task, state: TrainState, params, images_BxHxWxC, mask_B, *, train: bool,
@@ -112,20 +145,64 @@ def _logits(task: Task, state: TrainState, params, images_BxHxWxC, mask_B, *, tr
 
 def train_step(state: TrainState, batch: Batch,
                task: Task = DEFAULT_TASK) -> tuple[TrainState, Sums]:
-  """One optimizer step on the mean loss over the batch's real examples."""
+  """One optimizer step on the mean loss over the batch's real examples (accumulated over
+  `task.grad_accum_steps` micro-batches), then the EMA's update, if any."""
   dropout_rng, augment_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   images = augment.build(task.augment)(augment_rng, augment.preprocess(batch['image']))
 
-  def loss_fn(params):
-    logits_BxC, model_state = _logits(task, state, params, images, batch['mask'], train=True,
-                                      rng=dropout_rng)
-    values = task.per_example(logits_BxC, batch['label'], state.loss_hparams)
-    sums = metrics.masked_sums(values, batch['mask'])
-    return sums['loss'] / jnp.maximum(sums[metrics.COUNT], 1.0), (sums, model_state)
+  def loss_fn(params, model_state, images, labels, mask, rng, mean=True):
+    logits_BxC, model_state = _logits(task, state.replace(model_state=model_state), params,
+                                      images, mask, train=True, rng=rng)
+    values = task.per_example(logits_BxC, labels, state.loss_hparams)
+    sums = metrics.masked_sums(values, mask)
+    total = sums['loss'] / jnp.maximum(sums[metrics.COUNT], 1.0) if mean else sums['loss']
+    return total, (sums, model_state)
 
-  (loss, (sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads).replace(model_state=model_state)
-  return state, dict(sums, loss_mean=loss)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if task.grad_accum_steps == 1:
+    (loss, (sums, model_state)), grads = grad_fn(
+        state.params, state.model_state, images, batch['label'], batch['mask'], dropout_rng)
+  else:
+    grads, sums, model_state = _accumulate(grad_fn, state, images, batch, dropout_rng, task)
+    count = jnp.maximum(sums[metrics.COUNT], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)  # The mean over all real examples.
+    loss = sums['loss'] / count
+  new_state = state.apply_gradients(grads=grads).replace(model_state=model_state)
+  if task.ema_decay:
+    _, ema = optax.ema(task.ema_decay).update(
+        dict(params=new_state.params, model_state=new_state.model_state), state.ema)
+    new_state = new_state.replace(ema=ema)
+  return new_state, dict(sums, loss_mean=loss)
+
+
+def _accumulate(grad_fn, state: TrainState, images, batch: Batch, rng: jax.Array, task: Task):
+  """Gradients of the summed loss over k micro-batches, one after another (lax.scan), their
+  metric sums, and the model collections after the last. Micro-batch i holds examples i,
+  i + k, i + 2k, ...: with the batch split over devices in blocks, each one still spans every
+  device, and the padding of a last batch spreads over them. BatchNorm sees each micro-batch's
+  statistics; a micro-batch without a real example leaves the collections as they were."""
+  k = task.grad_accum_steps
+
+  def micro(x):  # [B, ...] -> [k, B / k, ...], micro-batch i = examples i, i + k, ...
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  xs = dict(image=micro(images), label=micro(batch['label']), mask=micro(batch['mask']),
+            index=jnp.arange(k))
+
+  def body(carry, x):
+    grads, sums, model_state = carry
+    (_, (micro_sums, new_model_state)), micro_grads = grad_fn(
+        state.params, model_state, x['image'], x['label'], x['mask'],
+        jax.random.fold_in(rng, x['index']), mean=False)
+    real = micro_sums[metrics.COUNT] > 0
+    new_model_state = jax.tree.map(functools.partial(jnp.where, real), new_model_state,
+                                   model_state)
+    return (jax.tree.map(jnp.add, grads, micro_grads), metrics.add_sums(sums, micro_sums),
+            new_model_state), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  init = (zeros, metrics.zero_sums(task.value_names), state.model_state)
+  return jax.lax.scan(body, init, xs)[0]
 
 
 def eval_step(state: TrainState, batch: Batch, task: Task = DEFAULT_TASK) -> Sums:

@@ -121,7 +121,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       scan_unroll=execution['scan_unroll'], task=task)
   tx = optim.create_optimizer(config, executor.steps_per_epoch * config.num_epochs,
                               swept=tuple(sweeps.swept(config)))
-  init = functools.partial(_init_replica, model=model, tx=tx, image_shape=info.image_shape)
+  init = functools.partial(_init_replica, model=model, tx=tx, image_shape=info.image_shape,
+                           ema_decay=task.ema_decay)
   # Replica i starts exactly as a single run with its seed and values would.
   rngs = [jax.random.PRNGKey(r.seed) for r in replicas.items]
   rng, hparams = (rngs[0] if len(rngs) == 1 else jax.numpy.stack(rngs),
@@ -138,8 +139,22 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(info, mode_name, executor, task, state, num_params, cache_dir, record, replicas)
 
 
-def _init_replica(rng, hparams, *, model, tx, image_shape) -> steps.TrainState:
-  return sweeps.assign(steps.create_train_state(rng, model, tx, image_shape), hparams)
+def _init_replica(rng, hparams, *, model, tx, image_shape, ema_decay) -> steps.TrainState:
+  return sweeps.assign(steps.create_train_state(rng, model, tx, image_shape, ema_decay),
+                       hparams)
+
+
+EMA_PREFIX = 'test_ema_'  # The averaged weights' test values (config.ema_decay > 0).
+
+
+def _evaluate(run: Setup, state: steps.TrainState, alive) -> dict:
+  """The test values of the state ('test_loss', ...) and, with an EMA, of its averaged
+  weights ('test_ema_loss', ...)."""
+  record = metrics.summarize(run.executor.evaluate(state), 'test_', alive)
+  if run.task.ema_decay:
+    averaged = steps.ema_weights(state, run.task.ema_decay)
+    record.update(metrics.summarize(run.executor.evaluate(averaged), EMA_PREFIX, alive))
+  return record
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -246,7 +261,7 @@ def _end_epoch(run: Setup, loop: Loop, ckpt: checkpoint.Checkpointer, logger, pr
   evaluation fails (the epoch's sums kept: the rerun evaluates it, without training it again)."""
   alive = run.replicas.alive(loop.diverged)
   try:
-    evaluated = jax.device_get(run.executor.evaluate(loop.state))
+    evaluated = _evaluate(run, loop.state, alive)
   except Exception as e:  # pylint: disable=broad-except  (any failure: the training is saved)
     if save:
       ckpt.save(loop.step, loop.item(run), run.record)
@@ -260,8 +275,7 @@ def _end_epoch(run: Setup, loop: Loop, ckpt: checkpoint.Checkpointer, logger, pr
         f'checkpoint at step {loop.step} in {ckpt.directory}). Run again with a smaller '
         '--config.eval_batch_size (a safe change on resume) to evaluate it and go on.') from None
   loop.record = dict(
-      epoch=epoch + 1, **metrics.summarize(loop.epoch_sums, 'train_', alive),
-      **metrics.summarize(evaluated, 'test_', alive),
+      epoch=epoch + 1, **metrics.summarize(loop.epoch_sums, 'train_', alive), **evaluated,
       examples_per_sec=examples / epoch_seconds if epoch_seconds else 0.0,
       epoch_seconds=epoch_seconds, elapsed_s=time.perf_counter() - start)
   loop.record.update(run.replicas.epoch_summary(loop.record, loop.diverged, run.headline))
@@ -357,8 +371,9 @@ def _epoch_line(record: dict, run: Setup, num_epochs: int) -> str:
   if run.replicas.sweeping:
     best = record['best']
     spread += f"  best {best[f'test_{name}']:.4f} ({best['replica']})"
+  averaged = (f"  |  ema test {values('test_ema')}" if f'{EMA_PREFIX}{name}' in record else '')
   return (f"epoch {record['epoch']}/{num_epochs}  train {values('train')}  |  "
-          f"test {values('test')}{spread}  |  "
+          f"test {values('test')}{spread}{averaged}  |  "
           f"{record['examples_per_sec']:,.0f} ex/s  {record['elapsed_s']:.1f}s")
 
 
@@ -376,20 +391,20 @@ def _finish(workdir, config, run: Setup, loop: Loop, start: float, is_writer: bo
   record = loop.record
   if record is None:  # The run had finished already: evaluate its final state again.
     alive = run.replicas.alive(loop.diverged)
-    record = metrics.summarize(run.executor.evaluate(loop.state), 'test_', alive)
+    record = _evaluate(run, loop.state, alive)
     record.update(run.replicas.epoch_summary(record, loop.diverged, run.headline))
   state = loop.state
   summary = dict(
       {k: v for k, v in record.items() if k.startswith(('test_', 'train_'))},
       epochs=max(config.num_epochs, -(-_step_of(state) // run.executor.steps_per_epoch)),
       steps=_step_of(state), num_params=run.num_params,
-      param_fingerprint=writers.fingerprint(state.params, state.model_state),
+      param_fingerprint=writers.fingerprint(*steps.fingerprinted(state)),
       train_seconds=loop.train_seconds, total_seconds=time.perf_counter() - start,
       input_mode=run.mode_name, seed=config.seed, num_seeds=config.num_seeds,
       class_names=list(run.info.class_names), versions=writers.versions())
   if len(run.replicas) > 1:
-    summary.update(run.replicas.final_summary(config, (state.params, state.model_state),
-                                              record, run.task.value_names))
+    summary.update(run.replicas.final_summary(config, steps.fingerprinted(state), record,
+                                              run.task.value_names))
   if is_writer:
     # Written before the report too, so a failing report (e.g. a broken matplotlib) still
     # leaves the run's results; rewritten after it with the final total time.
@@ -408,6 +423,8 @@ def _result_words(run: Setup, summary: dict) -> str:
   """'test accuracy 0.9786', '... ± 0.0016 over 5 seeds [...]', or a sweep's best and mean."""
   name = run.headline
   words = f"test {name} {summary[f'test_{name}']:.4f}"
+  if f'{EMA_PREFIX}{name}' in summary:
+    words += f" (ema {summary[f'{EMA_PREFIX}{name}']:.4f})"
   if run.replicas.sweeping:
     return (f"best test {name} {summary['best'][f'test_{name}']:.4f} "
             f"({summary['best']['replica']}); mean {summary[f'test_{name}']:.4f} over "
@@ -421,10 +438,13 @@ def _result_words(run: Setup, summary: dict) -> str:
 def _write_report(workdir: epath.Path, config, run: Setup, state, summary: dict) -> None:
   """report.png and report.md, from the test set's predictions (report.py does the rest).
 
-  With several replicas, the predictions are the first replica's, or the best one's in a sweep.
+  With several replicas, the predictions are the first replica's, or the best one's in a sweep;
+  with an EMA, the averaged weights'.
   """
   from mnist_jax import report  # pylint: disable=g-import-not-at-top  (matplotlib: only here)
   shown = summary['best']['index'] if run.replicas.sweeping else 0
+  if run.task.ema_decay:
+    state = steps.ema_weights(state, run.task.ema_decay)
   probs = steps.predict(run.replicas.pick(state, shown), run.executor.eval.image,
                         config.eval_batch_size, run.task)
   report.write_run_report(workdir, writers.read_history(workdir), run.executor.eval, probs,
@@ -432,7 +452,8 @@ def _write_report(workdir: epath.Path, config, run: Setup, state, summary: dict)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Evaluates the newest valid checkpoint in `workdir` without training (every replica)."""
+  """Evaluates the newest valid checkpoint in `workdir` without training (every replica; with
+  an EMA, both the raw weights, test_*, and the average, test_ema_*)."""
   run = setup(config)
   # Read only: another run may be training in this workdir; nothing here is changed.
   ckpt = checkpoint.Checkpointer(storage.as_path(workdir) / 'checkpoints',
@@ -444,10 +465,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   if loop is None:
     raise errors.UserError(f'No checkpoint in {ckpt.directory} to evaluate.')
   result = dict(step=loop.step,
-                **metrics.summarize(run.executor.evaluate(loop.state), 'test_',
-                                    run.replicas.alive(loop.diverged)),
-                param_fingerprint=writers.fingerprint(loop.state.params,
-                                                      loop.state.model_state))
+                **_evaluate(run, loop.state, run.replicas.alive(loop.diverged)),
+                param_fingerprint=writers.fingerprint(*steps.fingerprinted(loop.state)))
   if len(run.replicas) > 1:
     result['replicas'] = [
         dict(replica=r.name, **{f'test_{n}': result[f'test_{n}_per_replica'][i]

@@ -109,6 +109,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('grad_clip_norm', _is_number_at_least_0, 'a finite number >= 0 (0: no clipping)'),
     ('weight_decay', _is_number_at_least_0, 'a finite number >= 0 (0: none)'),
     ('warmup_steps', _is_int_at_least_0, 'an integer >= 0 (0: no warmup)'),
+    ('grad_accum_steps', _is_positive_int, 'an integer > 0 (1: off)'),
+    ('ema_decay', _is_fraction, 'a number in [0, 1) (0: off), e.g. 0.999'),
 ]
 
 # What config.backend_overrides.<backend> may set: how the steps run, never what they compute.
@@ -158,6 +160,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(f'config.model.name={config.model.name!r} is invalid: expected '
                              f"one of {', '.join(models.available())}.")
   models.check(config.model)  # A Model, Linen or NNX, that takes every field.
+  accum = config.get('grad_accum_steps', 1)
+  if accum > 1 and config.batch_size % (accum * jax.device_count()):
+    raise errors.ConfigError(
+        f'config.grad_accum_steps={accum} is invalid with batch_size={config.batch_size}: '
+        f'expected micro-batches of batch_size / grad_accum_steps examples that split over '
+        f'the {jax.device_count()} device(s), i.e. batch_size a multiple of '
+        f'{accum * jax.device_count()}.')
   for field in ('batch_size', 'eval_batch_size'):  # Both are split over all devices.
     if config[field] % jax.device_count():
       raise errors.ConfigError(

@@ -117,6 +117,9 @@ SCENARIOS = {
     # Promise 1 for a model in Flax NNX (split/merge state), with dropout: killed mid-epoch.
     'nnx_reference': dict(starts=[()], args=cu.NNX),
     'nnx_kill': dict(starts=[(Fault('train_call', 4),), ()], args=cu.NNX),
+    # Promise 1 with an EMA of the weights (fingerprinted) and gradient accumulation.
+    'knobs_reference': dict(starts=[()], args=cu.KNOBS),
+    'knobs_kill': dict(starts=[(Fault('train_call', 4),), ()], args=cu.KNOBS),
     # Promise 1 for a sweep of two learning rates x two seeds (one vmapped program).
     'sweep_reference': dict(starts=[()], args=cu.SWEEP),
     'sweep_kill': dict(starts=[(Fault('before_commit', 3),), ()], args=cu.SWEEP),
@@ -252,7 +255,7 @@ def test_restart_retrains_exactly_the_steps_after_its_checkpoint(runs, name, res
   assert restart == list(range(resumed + 1, cu.TOTAL_STEPS + 1))
 
 
-@pytest.mark.parametrize('name', ['tfdata', 'seeds2', 'bn', 'nnx', 'sweep'])
+@pytest.mark.parametrize('name', ['tfdata', 'seeds2', 'bn', 'nnx', 'knobs', 'sweep'])
 def test_other_modes_resume_bit_identical(runs, name):
   run = get(runs, f'{name}_kill')
   assert run['starts'][0]['result'].killed

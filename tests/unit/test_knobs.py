@@ -1,0 +1,110 @@
+"""The knobs: gradient accumulation (config.grad_accum_steps) and the EMA (config.ema_decay)."""
+
+import numpy as np
+import optax
+import pytest
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mnist_jax import models
+from mnist_jax import steps
+
+
+def _state(name='mlp', ema_decay=0.0, **fields):
+  model = models.build(ml_collections.ConfigDict(dict(name=name, **fields)), 10)
+  return steps.create_train_state(jax.random.PRNGKey(0), model,
+                                  optax.rmsprop(1e-3, decay=0.9, eps=1e-7), (28, 28, 1),
+                                  ema_decay=ema_decay)
+
+
+def _batches(n_steps=10, batch=128, padded_last=20):
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(n_steps):
+    mask = np.ones(batch, np.float32)
+    if i == n_steps - 1:
+      mask[-padded_last:] = 0  # An epoch's padded last batch: the padding never counts.
+    out.append(dict(image=rng.integers(0, 256, (batch, 28, 28, 1)).astype(np.uint8),
+                    label=rng.integers(0, 10, batch).astype(np.int32), mask=mask))
+  return out
+
+
+def _train(state, task, batches):
+  for batch in batches:
+    state, _ = steps.train_step_jit(state, batch, task=task)
+  return state
+
+
+@pytest.mark.parametrize('name, fields', [('mlp', dict(hidden_sizes=(32,))),
+                                          ('cnn', dict(features=(4,), hidden_sizes=(8,)))])
+def test_4_micro_batches_of_32_update_as_one_batch_of_128(name, fields):
+  batches = _batches()
+  whole = _train(_state(name, **fields), steps.Task(), batches)
+  accumulated = _train(_state(name, **fields), steps.Task(grad_accum_steps=4), batches)
+  assert int(accumulated.step) == 10
+  for a, b in zip(jax.tree.leaves(accumulated.params), jax.tree.leaves(whole.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # Not a vacuous comparison: the parameters moved.
+  moved = jax.tree.leaves(_state(name, **fields).params)[0]
+  assert not np.allclose(jax.tree.leaves(whole.params)[0], moved)
+
+
+def test_accumulated_metric_sums_are_the_whole_batch_sums():
+  batch = _batches(1, padded_last=37)[0]
+  _, whole = steps.train_step_jit(_state(hidden_sizes=(32,)), batch, task=steps.Task())
+  _, accumulated = steps.train_step_jit(_state(hidden_sizes=(32,)), batch,
+                                        task=steps.Task(grad_accum_steps=8))
+  assert float(accumulated['count']) == float(whole['count']) == 128 - 37
+  for key in ('loss', 'accuracy', 'loss_mean'):
+    np.testing.assert_allclose(accumulated[key], whole[key], rtol=1e-5)
+
+
+def test_batchnorm_sees_each_micro_batch_and_skips_an_empty_one():
+  """cnn_bn: the statistics after 4 micro-batches are 4 momentum updates (not one); a batch
+  with fewer real examples than micro-batches leaves the empty ones out (no NaN)."""
+  fields = dict(features=(4,), hidden_sizes=(8,))
+  batch = _batches(1, padded_last=126)[0]  # 2 real examples, 4 micro-batches.
+  state, sums = steps.train_step_jit(_state('cnn_bn', **fields), batch,
+                                     task=steps.Task(grad_accum_steps=4, model_takes_mask=True))
+  leaves = jax.tree.leaves(state.model_state)
+  assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+  assert float(sums['count']) == 2
+
+
+def test_ema_is_the_debiased_average_of_the_trained_weights():
+  batches = _batches(5)
+  decay = 0.8
+  state = _state(hidden_sizes=(16,), ema_decay=decay)
+  task = steps.Task(ema_decay=decay)
+  history = []
+  for batch in batches:
+    state, _ = steps.train_step_jit(state, batch, task=task)
+    history.append(jax.device_get(state.params))
+  assert int(state.ema.count) == 5
+  # optax.ema with debias: sum_t (1 - d) d^(n - t) p_t / (1 - d^n).
+  weights = [(1 - decay) * decay ** (len(history) - 1 - t) for t in range(len(history))]
+  expected = jax.tree.map(lambda *ps: sum(w * p for w, p in zip(weights, ps))
+                          / (1 - decay ** len(history)), *history)
+  averaged = steps.ema_weights(state, decay)
+  for a, b in zip(jax.tree.leaves(averaged.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # After one step the debiased average is that step's weights: not dragged toward zero.
+  one, _ = steps.train_step_jit(_state(hidden_sizes=(16,), ema_decay=decay), batches[0],
+                                task=task)
+  for a, b in zip(jax.tree.leaves(steps.ema_weights(one, decay).params),
+                  jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_the_fingerprint_covers_the_ema_and_is_unchanged_without_one():
+  from mnist_jax import writers  # pylint: disable=g-import-not-at-top
+  plain = _state(hidden_sizes=(16,))
+  assert steps.fingerprinted(plain) == (plain.params, plain.model_state)
+  with_ema = _state(hidden_sizes=(16,), ema_decay=0.9)
+  moved = with_ema.replace(ema=with_ema.ema._replace(count=with_ema.ema.count + 1))
+  assert (writers.fingerprint(*steps.fingerprinted(with_ema))
+          != writers.fingerprint(*steps.fingerprinted(moved)))
+  assert writers.fingerprint(*steps.fingerprinted(with_ema)) != writers.fingerprint(
+      *steps.fingerprinted(plain))
