@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 
 from mnist_jax import checkpoint
@@ -69,6 +70,7 @@ class Model:
   workdir: epath.Path
   variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}: the model's collections.
   apply_fn: Any  # The model's `apply` (Linen's, or models/_nnx.py's for an NNX model).
+  weights: str = 'raw'  # 'ema': the debiased moving average of the weights (config.ema_decay).
   model_takes_mask: bool = False
   batch_size: int = DEFAULT_BATCH_SIZE
 
@@ -89,10 +91,18 @@ class Model:
     if images.ndim == len(self.image_shape) and self.image_shape[-1] == 1:
       images = images[..., None]
     if images.shape[1:] != self.image_shape:
-      raise ValueError(f'images of shape {images.shape[1:]} (H, W, C); this model takes '
-                       f'{self.image_shape} (datasets.conform_image converts any image).')
-    if images.dtype != np.uint8:
+      raise ValueError(f'a batch of images [B, H, W, C] of shape {images.shape}: this model '
+                       f'takes [B, {", ".join(map(str, self.image_shape))}] '
+                       '(datasets.conform_image converts any image).')
+    if images.dtype.kind == 'f':
+      low, high = float(images.min(initial=0.0)), float(images.max(initial=0.0))
+      if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= 1):
+        raise ValueError(f'float images must be in [0, 1]; these are in [{low:g}, {high:g}] '
+                         '(pass uint8 pixels as they are, or divide by 255).')
       images = images.astype(np.float32)
+    elif images.dtype != np.uint8:
+      raise ValueError(f'images of dtype {images.dtype}: expected uint8 pixels (0-255) or '
+                       'floats in [0, 1].')
     out = []
     for start in range(0, len(images), self.batch_size):
       batch = images[start:start + self.batch_size]
@@ -112,10 +122,12 @@ def _probabilities(apply_fn, model_takes_mask, variables, images):
 
 
 def load(workdir: str, *, step: int | None = None, replica: int | str | None = None,
-         batch_size: int = DEFAULT_BATCH_SIZE, cache_dir: str = '') -> Model:
+         weights: str = '', batch_size: int = DEFAULT_BATCH_SIZE, cache_dir: str = '') -> Model:
   """The model trained in `workdir`: from its newest valid checkpoint, or `step`'s.
 
   `replica`: in a workdir of several replicas, which one (name or index; default: the best).
+  `weights`: 'ema' (the default for a run with config.ema_decay > 0: the debiased moving
+  average) or 'raw' (the trained weights themselves; the only ones without an EMA).
   `cache_dir`: as config.cache_dir ('' the default cache, 'none' none): where compiled
   programs are kept between processes.
   """
@@ -127,24 +139,41 @@ def load(workdir: str, *, step: int | None = None, replica: int | str | None = N
   image_shape = tuple(dataset['image_shape'])
   class_names = tuple(dataset['class_names']) or tuple(map(str, range(dataset['num_classes'])))
   model = models.build(config.model, dataset['num_classes'])
-  variables = _abstract_variables(model, image_shape, len(sweeps.replicas(config)))
-  restored, loaded_step = checkpoint.restore_part(
-      workdir / 'checkpoints', dict(params=variables.pop('params'), model_state=variables),
-      step)
+  decay = float(config.get('ema_decay', 0.0))
+  weights = weights or ('ema' if decay else 'raw')
+  if weights not in ('ema', 'raw') or (weights == 'ema' and not decay):
+    raise NotAModel(f'weights={weights!r} is invalid for {workdir}: expected '
+                    + ("'ema' or 'raw'." if decay else "'raw' (its run kept no EMA: "
+                       'config.ema_decay=0).'))
+  replica_list = sweeps.replicas(config)
+  variables = _abstract_variables(model, image_shape, len(replica_list))
+  part = dict(params=variables.pop('params'), model_state=variables)
+  if weights == 'ema':  # The average (and its count) instead: optax.ema's state.
+    count = jax.ShapeDtypeStruct((len(replica_list),) if len(replica_list) > 1 else (),
+                                 jnp.int32, sharding=_default_device())
+    part = dict(ema=optax.EmaState(count=count, ema=part))
+  restored, loaded_step = checkpoint.restore_part(workdir / 'checkpoints', part, step)
+  if weights == 'ema':
+    restored = steps.debiased(restored['ema'], decay)  # An EmaState, as the part asked.
   variables = {'params': restored['params'], **restored.get('model_state', {})}
   summary = _read_json(workdir / 'summary.json')
-  name = None
-  replica_list = sweeps.replicas(config)
+  name, index = None, 0
+  finite = _finite(variables, len(replica_list))
   if len(replica_list) > 1:
-    index = _replica_index(replica, replica_list, workdir, loaded_step, config)
+    index = _replica_index(replica, replica_list, workdir, loaded_step, config, finite,
+                           weights)
     variables = jax.tree.map(lambda x: x[index], variables)
     name = replica_list[index].name
   elif replica not in (None, 0, replica_list[0].name):
     raise NotAModel(f'{workdir} holds one run, not replicas: replica={replica!r} does not '
                     'apply; leave it out.')
+  if not finite[index]:
+    raise NotAModel(f'the {weights} weights at step {loaded_step} in {workdir}'
+                    + (f' (replica {name})' if name else '') + ' hold NaN or Inf: that '
+                    'replica diverged. Choose another replica, or an earlier --step.')
   return Model(config=config, class_names=class_names, image_shape=image_shape,
                step=loaded_step, replica=name, summary=summary, workdir=workdir,
-               variables=variables, apply_fn=model.apply,
+               variables=variables, apply_fn=model.apply, weights=weights,
                model_takes_mask=steps.takes_mask(model), batch_size=batch_size)
 
 
@@ -183,14 +212,25 @@ def _abstract_variables(model, image_shape: tuple[int, ...], num_replicas: int) 
   replicas: shapes only, nothing initialized (`jax.eval_shape`)."""
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32)))
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = _default_device()
   lead = (num_replicas,) if num_replicas > 1 else ()
   return dict(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype, sharding=sharding), shapes))
 
 
+def _default_device() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _finite(variables, num_replicas: int) -> list[bool]:
+  """Per replica, whether every array is finite."""
+  per_leaf = [np.isfinite(np.asarray(x)).reshape(num_replicas if num_replicas > 1 else 1, -1)
+              .all(axis=1) for x in jax.tree.leaves(variables)]
+  return list(np.logical_and.reduce(per_leaf)) if per_leaf else [True] * num_replicas
+
+
 def _replica_index(replica: int | str | None, replica_list, workdir: epath.Path, step: int,
-                   config: ml_collections.ConfigDict) -> int:
+                   config: ml_collections.ConfigDict, finite: list[bool], weights: str) -> int:
   names = [r.name for r in replica_list]
   if isinstance(replica, int) or (isinstance(replica, str) and replica.isdigit()):
     index = int(replica)
@@ -202,26 +242,28 @@ def _replica_index(replica: int | str | None, replica_list, workdir: epath.Path,
     if replica not in names:
       raise NotAModel(f'{workdir} holds no replica {replica!r}; it holds: {", ".join(names)}.')
     return names.index(replica)
-  return _best(workdir, step, config, len(names))
+  return _best(workdir, step, config, finite, weights)
 
 
-def _best(workdir: epath.Path, step: int, config, num_replicas: int) -> int:
-  """The best replica by the headline test metric in metrics.jsonl's record of `step` (the
-  diverged last); the first when no record of that step exists (a run stopped mid-epoch)."""
+def _best(workdir: epath.Path, step: int, config, finite: list[bool], weights: str) -> int:
+  """The best replica whose weights are finite, by the headline test metric of the newest
+  epoch record at or before `step` in metrics.jsonl (for a checkpoint mid-epoch, the epoch
+  before it; with an EMA, the average's metric); the first finite one without a record."""
   name = metrics.headline(('loss', *config.metrics))
+  key = f"test_{'ema_' if weights == 'ema' else ''}{name}_per_replica"
   record = None
   try:
     for line in (workdir / 'metrics.jsonl').read_text().splitlines():
       entry = json.loads(line)
-      if entry.get('step') == step and f'test_{name}_per_replica' in entry:
-        record = entry
+      if entry.get('step', 0) <= step and key in entry:
+        record = entry if record is None or entry['step'] >= record['step'] else record
   except (OSError, ValueError):
     pass
   if record is None:
-    return 0
-  diverged = record.get('diverged_at_step') or [None] * num_replicas
-  return metrics.best_first(record[f'test_{name}_per_replica'], name,
-                            [d is None for d in diverged])[0]
+    return next((i for i, ok in enumerate(finite) if ok), 0)
+  diverged = record.get('diverged_at_step') or [None] * len(finite)
+  alive = [ok and (d is None or d > step) for ok, d in zip(finite, diverged)]
+  return metrics.best_first(record[key], name, alive)[0]
 
 
 

@@ -48,8 +48,12 @@ def test_predict_pads_batches_and_matches_the_report_function(tmp_path):
   config = json.loads((workdir / 'config.json').read_text())
   assert config['resolved']['dataset']['class_names'] == list(CLASSES)
   assert model.predict(images[:0]).shape == (0, 3)
-  with pytest.raises(ValueError, match=r'this model takes \(28, 28, 1\)'):
+  with pytest.raises(ValueError, match=r'this model takes \[B, 28, 28, 1\]'):
     model.predict(np.zeros((2, 14, 14, 1), np.uint8))
+  with pytest.raises(ValueError, match=r'float images must be in \[0, 1\]; these are in \[0, 250\]'):
+    model.predict(images.astype(np.float32))  # 0-255 as floats: not silently wrong.
+  with pytest.raises(ValueError, match='dtype int64: expected uint8'):
+    model.predict(images.astype(np.int64))
 
 
 def test_load_reads_an_older_step(tmp_path):
@@ -146,3 +150,44 @@ def test_read_for_model_reads_png_jpeg_and_npy_stacks(tmp_path):
   with pytest.raises(errors.UserError, match=r'cannot read .*bad.png \(UnidentifiedImageError'):
     datasets.read_for_model(str(tmp_path / 'bad.png'), (28, 28, 1))
 
+
+
+def test_an_ema_run_predicts_with_its_average_by_default(tmp_path):
+  workdir, summary, arrays = trained(tmp_path, 'cnn_bn', ema_decay=0.5)
+  averaged = inference.load(str(workdir), cache_dir='none')
+  raw = inference.load(str(workdir), weights='raw', cache_dir='none')
+  assert (averaged.weights, raw.weights) == ('ema', 'raw')
+  images, labels = arrays['test_images'], arrays['test_labels']
+  for model, key in ((averaged, 'test_ema_accuracy'), (raw, 'test_accuracy')):
+    accuracy = np.mean(model.predict(images).argmax(-1) == labels)
+    assert accuracy == pytest.approx(summary[key], abs=1e-6)
+  params = (averaged.variables['params'], raw.variables['params'])
+  assert writers.fingerprint(params[0]) != writers.fingerprint(params[1])
+  assert 'batch_stats' in averaged.variables  # BatchNorm's statistics are averaged too.
+  with pytest.raises(inference.NotAModel, match="weights='ema' is invalid .*config.ema_decay=0"):
+    (tmp_path / 'b').mkdir()
+    inference.load(str(trained(tmp_path / 'b', 'mlp')[0]), weights='ema', cache_dir='none')
+
+
+def test_a_relative_workdir_loads(tmp_path, monkeypatch):
+  workdir, summary, _ = trained(tmp_path, 'mlp')
+  monkeypatch.chdir(tmp_path)
+  model = inference.load(workdir.name, cache_dir='none')
+  assert model.summary['param_fingerprint'] == summary['param_fingerprint']
+
+
+def test_the_default_replica_mid_epoch_is_the_last_epochs_best_and_never_a_diverged_one(
+    tmp_path):
+  """A sweep with a learning rate that diverges: its replica is never the default, at an epoch
+  end or at a checkpoint mid-epoch (no epoch record of that step); chosen, it is one line."""
+  workdir, summary, _ = trained(tmp_path, 'mlp', checkpoint_every_steps=4, checkpoint_keep=20,
+                                **{'sweep.learning_rate': (1e38, 3e-3)})
+  assert summary['replicas'][0]['diverged_at_step'] is not None
+  good = summary['replicas'][1]['replica']
+  steps_saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir())
+  mid = [s for s in steps_saved if s % 6]  # 6 steps an epoch: 4, 8, 10 (not 6, 12, 18).
+  assert mid
+  for step in steps_saved:
+    assert inference.load(str(workdir), step=step, cache_dir='none').replica == good
+  with pytest.raises(inference.NotAModel, match='hold NaN or Inf: that replica diverged'):
+    inference.load(str(workdir), replica=0, cache_dir='none')
