@@ -21,10 +21,13 @@ one program, per-replica s/epoch against a single run's, and the 3-rate sweep in
 against three separate processes, wall time (benchmarks/sweep_speed.py, which also runs alone).
 
 The references are the same job in other frameworks, each run as its own process: for the MLP
-(configs/mlp.py) the Keras notebook and its PyTorch version, for the CNN (configs/cnn.py) the
-PyTorch CNN (benchmarks/reference_torch_cnn.py); a table then sets this repo's `device` mode and
-PyTorch side by side: steady s/epoch, examples/s, fraction of the matmul peak (the same FLOP
-count for both), 5 epochs with compilation included, and the whole process.
+(configs/mlp.py) the Keras notebook on Keras 3's TensorFlow backend and on its JAX backend
+(`KERAS_BACKEND=jax`; `--keras_jax_python` names a Python with keras and jax, TensorFlow not
+needed) and its PyTorch version, for the CNN (configs/cnn.py) the PyTorch CNN
+(benchmarks/reference_torch_cnn.py); a table then sets this repo's `device` mode and PyTorch
+side by side: steady s/epoch, examples/s, fraction of the matmul peak (the same FLOP count for
+both), 5 epochs with compilation included, and the whole process; and this repo's 5 epochs and
+warm whole process as ratios to each reference's.
 
 Works unchanged on a GPU or TPU (the peak is then the device's f32 matmul rate).
 """
@@ -74,6 +77,9 @@ flags.DEFINE_string('json_out', '', 'Also write the JSON object to this file.')
 flags.DEFINE_bool('references', True, 'Also time the Keras notebook and the PyTorch version '
                   '(benchmarks/reference_*.py) on the same machine, where importable.')
 flags.DEFINE_string('torch_python', sys.executable, 'A Python that can import torch.')
+flags.DEFINE_string('keras_jax_python', sys.executable, "A Python with keras and jax, for the "
+                    "Keras notebook on Keras 3's JAX backend ('': not run). On a GPU, one whose "
+                    'jax has the GPU plugin trains there.')
 flags.DEFINE_string('idx_dir', '', "The MNIST IDX files for the references ('': their default, "
                     '../shared/data/mnist_idx next to the checkout).')
 FLAGS = flags.FLAGS
@@ -230,36 +236,60 @@ def whole_process(config_path: str, mode: str) -> list[dict]:
   return runs
 
 
-# The same job in other frameworks, by the config's model.
-REFERENCE_SCRIPTS = {'mlp': ('reference_keras.py', 'reference_torch.py'),
-                     'cnn': ('reference_torch_cnn.py',)}
+# The same job in other frameworks, by the config's model: (script, Keras backend or None).
+REFERENCE_SCRIPTS = {'mlp': (('reference_keras.py', 'tensorflow'), ('reference_keras.py', 'jax'),
+                             ('reference_torch.py', None)),
+                     'cnn': (('reference_torch_cnn.py', None),)}
 
 
 def references(model_name: str) -> list[dict]:
   """The references for this model, each as its own process, timed from outside."""
   rows = []
-  for script in REFERENCE_SCRIPTS.get(model_name, ()):
-    python = FLAGS.torch_python if 'torch' in script else sys.executable
+  for script, keras_backend in REFERENCE_SCRIPTS.get(model_name, ()):
+    python = {None: FLAGS.torch_python, 'tensorflow': sys.executable,
+              'jax': FLAGS.keras_jax_python}[keras_backend]
+    if not python:
+      continue
     out = pathlib.Path(tempfile.mkdtemp()) / 'out.json'
     extra = f' --idx_dir="{FLAGS.idx_dir}"' if FLAGS.idx_dir else ''
     if 'torch' in script and jax.default_backend() == 'gpu':
       extra += ' --device=cuda'  # PyTorch trains where JAX does.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+    if keras_backend:
+      env['KERAS_BACKEND'] = keras_backend
     command = ['sh', '-c', f'exec "{python}" "{REPO / "benchmarks" / script}"{extra} > "{out}"']
     try:
-      wall, rss_kb = timed_process(command, dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
-                                   cwd=REPO / 'benchmarks')
+      wall, rss_kb = timed_process(command, env, cwd=REPO / 'benchmarks')
     except RuntimeError as e:
-      rows.append(dict(script=script, error=str(e).strip().splitlines()[-1:]))
+      rows.append(dict(script=script, keras_backend=keras_backend,
+                       error=str(e).strip().splitlines()[-1:]))
       continue
     rows.append(dict(json.loads(out.read_text().strip().splitlines()[-1]), script=script,
                      wall_s=wall, peak_rss_mb=rss_kb / 1024))
   return rows
 
 
+def against_references(result: dict) -> list[dict]:
+  """This repo's 5 epochs (`device` mode, compile included) and warm whole process, as ratios
+  to each reference's training (Keras: `fit`) and whole process."""
+  ours = next((r for r in result['modes'] if r['input_mode'] == 'device'), None)
+  warm = next((r for r in result.get('whole_process', [])
+               if r['input_mode'] == 'device' and r['run'] == 'warm'), None)
+  rows = []
+  for ref in result.get('references', []):
+    if 'error' in ref:
+      continue
+    rows.append(dict(framework=ref['framework'],
+                     train_5_epochs=ours and ours['train_5_epochs_s'] / ref['fit_s'],
+                     whole_process=warm and warm['wall_s'] / ref['wall_s']))
+  return rows
+
+
 def side_by_side(result: dict) -> dict | None:
   """This repo's `device` mode next to the PyTorch reference that reports steady epochs."""
   ours = next((r for r in result['modes'] if r['input_mode'] == 'device'), None)
-  torch = next((r for r in result.get('references', []) if 'steady_s_per_epoch' in r), None)
+  torch = next((r for r in result.get('references', []) if 'steady_s_per_epoch' in r
+                and r['script'].startswith('reference_torch')), None)
   if ours is None or torch is None:
     return None
   warm = next((r for r in result.get('whole_process', [])
@@ -315,11 +345,20 @@ def print_table(result: dict) -> None:
           f"overhead {r['compile_overhead_s']:.2f}s, test acc {r['test_accuracy']:.4f}")
   for r in result.get('references', []):
     if 'error' in r:
-      print(f"reference {r['script']}: not run ({r['error']})")
+      backend = f" (KERAS_BACKEND={r['keras_backend']})" if r.get('keras_backend') else ''
+      print(f"reference {r['script']}{backend}: not run ({r['error']})")
     else:
-      print(f"reference {r['framework']}: training {r['fit_s']:.2f}s, whole process "
+      steady = (f", steady {r['steady_s_per_epoch']:.3f} s/epoch"
+                if 'steady_s_per_epoch' in r else '')
+      print(f"reference {r['framework']}: training {r['fit_s']:.2f}s{steady}, whole process "
             f"{r['wall_s']:.2f}s wall, peak RSS {r['peak_rss_mb']:.0f} MB, test acc "
             f"{r['test_accuracy']:.4f}")
+  for r in result.get('against_references', []):
+    words = [f'{label} {r[key]:.2f}x' for key, label in
+             (('train_5_epochs', '5 epochs (device mode)'), ('whole_process', 'whole process'))
+             if r[key] is not None]
+    if words:
+      print(f"this repo against {r['framework']}: {', '.join(words)}")
   for r in result.get('seeds', []):
     print(f"num_seeds {r['num_seeds']:3d}: {r['s_per_epoch']:.3f} s/epoch, "
           f"{r['s_per_epoch_per_replica']:.3f} s/epoch per replica "
@@ -362,6 +401,7 @@ def main(argv):
   if FLAGS.references:
     result['references'] = references(load_config(FLAGS.config).model.name)
     result['side_by_side'] = side_by_side(result)
+    result['against_references'] = against_references(result)
   if not FLAGS.quick:
     result['seeds'] = seeds_scaling(FLAGS.config)
     result['scaling'] = scaling(FLAGS.config)
