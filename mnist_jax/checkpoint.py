@@ -68,8 +68,8 @@ STATE, RUN = 'state', 'run'  # The items of a checkpoint.
 # was (more epochs continue the training). Every other field, and the examples and steps per
 # epoch, must match the checkpoints' (`Checkpointer.check_run`).
 RESUMABLE_FIELDS = ('num_epochs', 'eval_split', 'eval_batch_size', 'data_dir', 'download',
-                    'cache_dir', 'input_mode', 'steps_per_call', 'scan_unroll',
-                    'checkpoint_every_steps', 'checkpoint_keep', 'checkpoint_async',
+                    'cache_dir', 'input_mode', 'input_memory_budget', 'steps_per_call',
+                    'scan_unroll', 'checkpoint_every_steps', 'checkpoint_keep', 'checkpoint_async',
                     'write_tensorboard', 'write_report', 'profile', 'backend_overrides')
 
 
@@ -95,7 +95,7 @@ def run_record(config: ml_collections.ConfigDict, train_examples: int, steps_per
 
 # Fields added after checkpoints were first written, with the value that means "off": a
 # checkpoint without one was written with it off, and is the same run as one that has it so.
-ADDED_FIELDS = {'grad_accum_steps': 1, 'ema_decay': 0.0}
+ADDED_FIELDS = {'grad_accum_steps': 1, 'ema_decay': 0.0, 'compute_dtype': 'float32'}
 
 
 def identity(record: dict) -> dict:

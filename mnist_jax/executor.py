@@ -1,10 +1,12 @@
 """The executor: the device mesh, the shardings, the jitted chunk functions, and how batches
-reach them (`config.input_mode`: from tf.data, or gathered on the device).
+reach them (`config.input_mode`: gathered on the device, from tf.data, or streamed from
+ArrayRecord files, `stream.py`).
 
 An executor turns the data plan of `input_pipeline` into calls of the jitted chunk functions
 of `steps` (`steps.make_chunk_fns`), for training and for evaluation. Every input mode consumes
 the same plan, so the same seed feeds the same examples in the same order whichever runs.
-Adding a mode means adding a class (its `get_batch` and inputs) and a line in `INPUT_MODES`.
+Adding a mode means adding a class (its `get_batch`, inputs, and how it `load`s the splits)
+and a line in `INPUT_MODES`.
 
 Data parallelism: the global batch is split over all devices (of all processes) along a 'data'
 mesh axis; the state is replicated. Each process puts only its own columns of every batch on
@@ -23,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from mnist_jax import input_pipeline
 from mnist_jax import metrics
 from mnist_jax import steps
+from mnist_jax import stream
 
 # 'auto' keeps the dataset on the device when it takes at most this many bytes.
 RESIDENT_MAX_BYTES = 1 << 30
@@ -37,6 +40,15 @@ class Executor:
   functions run; when every replica has the same seed, they share one plan (no replica axis).
   """
   get_batch = staticmethod(steps.stacked)  # How a step reads its batch (steps.make_chunk_fns).
+  why = ''  # Why 'auto' picked this mode, if it did (the run's first line says it).
+
+  @staticmethod
+  def load(config, cache_dir) -> tuple[input_pipeline.DatasetInfo, dict]:
+    """The splits this mode reads: decoded whole into host arrays (input_pipeline.load)."""
+    return input_pipeline.load(
+        config.dataset, config.data_dir, (config.train_split, config.eval_split),
+        download=config.download, cache_dir=cache_dir,
+        image_size=tuple(config.get('image_size', ())))
 
   def __init__(self, splits: dict[str, input_pipeline.Split], *, train_split: str,
                eval_split: str, seeds: Sequence[int], batch_size: int, eval_batch_size: int,
@@ -129,6 +141,10 @@ class Executor:
   def evaluate(self, state: steps.TrainState):
     return self._fns.evaluate(state, *self.eval_inputs(), task=self.task, unroll=self.unroll)
 
+  def predict(self, state: steps.TrainState, batch_size: int) -> np.ndarray:
+    """Class probabilities [N, C] over the eval split, in its order (for the report)."""
+    return steps.predict(state, self.eval.image, batch_size, self.task)
+
 
 class DeviceExecutor(Executor):
   """The dataset lives on the device; each scanned step gathers its batch there."""
@@ -168,7 +184,61 @@ class TfDataExecutor(Executor):
     return next(self._batches(self.eval, self.eval_chunks, batch_axis=1))
 
 
-INPUT_MODES = {'device': DeviceExecutor, 'tfdata': TfDataExecutor}
+class StreamExecutor(Executor):
+  """Batches read and decoded from ArrayRecord files as they are needed (`stream.py`); the
+  host holds a few chunks of steps, never a split. Evaluation and the report's predictions
+  stream the eval split too, a chunk per call."""
+
+  @staticmethod
+  def load(config, cache_dir):
+    return stream.open_splits(
+        config.dataset, config.data_dir, (config.train_split, config.eval_split),
+        download=config.download, cache_dir=cache_dir,
+        image_size=tuple(config.get('image_size', ())))
+
+  def __init__(self, splits, **kwargs):
+    super().__init__(splits, **kwargs)
+    # Calls of at most a chunk of decoded examples (the same steps, so the same result).
+    self.steps_per_call = min(self.steps_per_call,
+                              stream.steps_per_chunk(self.batch_size, self.train.image_shape))
+    eval_plan = input_pipeline.batch_plan(np.arange(len(self.eval), dtype=np.int32),
+                                          len(self.eval_chunks[0]['mask'][0]))
+    self.eval_chunks = input_pipeline.chunk_plan(eval_plan, stream.steps_per_chunk(
+        eval_plan['mask'].shape[1], self.eval.image_shape))
+
+  def _batches(self, split, chunks, batch_axis=None):
+    """(None, batch on the device) per chunk; the next chunk is put before one is handed out,
+    so its copy overlaps the current call."""
+    local_chunks = [self.local_columns(chunk) for chunk in chunks]  # Read only our examples.
+    pending = None
+    for batch in stream.host_batches(split, local_chunks):
+      put = {k: self.put_batch(v, batch_axis) for k, v in batch.items()}
+      if pending is not None:
+        yield None, pending
+      pending = put
+    if pending is not None:
+      yield None, pending
+
+  def train_inputs(self, chunks):
+    return self._batches(self.train, chunks)
+
+  def evaluate(self, state: steps.TrainState):
+    sums = None
+    for inputs in self._batches(self.eval, self.eval_chunks, batch_axis=1):
+      chunk_sums = self._fns.evaluate(state, *inputs, task=self.task, unroll=self.unroll)
+      sums = chunk_sums if sums is None else metrics.add_sums(sums, chunk_sums)
+    return sums
+
+  def predict(self, state: steps.TrainState, batch_size: int) -> np.ndarray:
+    probs = []
+    for batch in stream.host_batches(self.eval, self.eval_chunks):
+      real = batch['mask'].reshape(-1) > 0
+      images = batch['image'].reshape(-1, *batch['image'].shape[-3:])[real]
+      probs.append(steps.predict(state, images, batch_size, self.task))
+    return np.concatenate(probs)
+
+
+INPUT_MODES = {'device': DeviceExecutor, 'tfdata': TfDataExecutor, 'stream': StreamExecutor}
 
 
 # The config fields that config.backend_overrides may set per backend.
@@ -190,5 +260,33 @@ def resolve(name: str, splits: dict[str, input_pipeline.Split]) -> str:
   return 'device' if nbytes <= RESIDENT_MAX_BYTES else 'tfdata'
 
 
-def create(name: str, splits: dict[str, input_pipeline.Split], **kwargs) -> Executor:
-  return INPUT_MODES[resolve(name, splits)](splits, **kwargs)
+def choose(config) -> tuple[str, str]:
+  """The input mode before anything is decoded, and why if 'auto' picked it: 'stream' when a
+  split would decode to more than config.input_memory_budget bytes; otherwise the mode stays
+  'auto' until the decoded splits' size picks device or tfdata (`resolve`)."""
+  if config.input_mode != 'auto':
+    return config.input_mode, ''
+  budget = config.get('input_memory_budget', 0)
+  sizes = stream.decoded_sizes(config.dataset, config.data_dir,
+                               (config.train_split, config.eval_split),
+                               tuple(config.get('image_size', ())))
+  over = {spec: n for spec, n in sizes.items() if budget and n > budget}
+  if not over:
+    return 'auto', ''
+  spec, nbytes = max(over.items(), key=lambda item: item[1])
+  return 'stream', (f' (auto: split {spec!r} decodes to {nbytes / 1e6:,.0f} MB, more than '
+                    f'config.input_memory_budget={budget / 1e6:,.0f} MB)')
+
+
+def load(config, cache_dir) -> tuple[str, str, input_pipeline.DatasetInfo, dict]:
+  """(mode name, why auto picked it, dataset info, splits): the splits as the mode reads them."""
+  name, why = choose(config)
+  info, splits = INPUT_MODES.get(name, Executor).load(config, cache_dir)
+  return resolve(name, splits), why, info, splits
+
+
+def create(name: str, splits: dict[str, input_pipeline.Split], why: str = '',
+           **kwargs) -> Executor:
+  executor = INPUT_MODES[resolve(name, splits)](splits, **kwargs)
+  executor.why = why
+  return executor

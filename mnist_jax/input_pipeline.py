@@ -135,6 +135,19 @@ def _invalid_split(spec: str, dataset: str, split_names: tuple[str, ...], e: Exc
       "'train[:1000]'.")
 
 
+def find_builder(dataset: str, data_dir: str, download: bool):
+  """The TFDS builder of `dataset`, prepared (downloaded first where allowed)."""
+  builder = _builder(dataset, resolve_data_dir(data_dir))
+  if not builder.is_prepared():
+    _prepare(builder, download)
+  return builder
+
+
+def parse_split(spec: str, split_names: tuple[str, ...], dataset: str) -> list[str]:
+  """The names of the splits a spec reads; a ConfigError (one line) for a bad spec."""
+  return _instruction(spec, split_names, dataset)[1]
+
+
 def _instruction(spec: str, split_names: tuple[str, ...], dataset: str):
   """A TFDS split spec ('train', 'train[:90%]', 'train[:100]+test') parsed, and the names of
   the splits it reads."""
@@ -239,6 +252,9 @@ def _cache_key(builder) -> str:
   stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
   digest = hashlib.sha256(repr((str(folder.resolve()), stamp)).encode()).hexdigest()[:16]
   return f'{builder.name.replace("/", "_")}-{builder.info.version}-{digest}'
+
+
+cache_key = _cache_key  # Public: stream.py names a converted copy by it too.
 
 
 def _load_split(builder, split: str, *, download: bool, cache_dir: epath.Path | None,

@@ -221,6 +221,8 @@ def _final_rows(summary: dict) -> list[tuple[str, str]]:
   formats += [('epochs', 'epochs', '{}'),
              ('steps', 'steps', '{:,}'), ('num_params', 'parameters', '{:,}'),
              ('param_fingerprint', 'parameter fingerprint', '`{}`'),
+             ('skipped_steps', 'float16 steps skipped', '{:,}'),
+             ('loss_scale', 'float16 loss scale', '{:g}'),
              ('train_seconds', 'training time', '{:.1f} s'),
              ('total_seconds', 'total time', '{:.1f} s'), ('input_mode', 'input mode', '{}'),
              ('seed', 'seed', '{}')]

@@ -36,6 +36,7 @@ import optax
 from mnist_jax import augment
 from mnist_jax import losses
 from mnist_jax import metrics
+from mnist_jax import mixed_precision
 from mnist_jax.infra import errors
 
 Batch = dict[str, jax.Array]
@@ -49,6 +50,8 @@ class TrainState(train_state.TrainState):
   # config.ema_decay > 0: optax.ema's state over {'params', 'model_state'} (the average, not
   # yet debiased, and its count); {} when off. `ema_weights` gives the debiased average.
   ema: Any = dataclasses.field(default_factory=dict)
+  # config.compute_dtype='float16': the dynamic loss scale (mixed_precision.LossScale); {} else.
+  loss_scale: Any = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Task:
   model_takes_mask: bool = False  # The model's __call__ takes `mask` (e.g. for BatchNorm).
   grad_accum_steps: int = 1  # Micro-batches per update (config.grad_accum_steps).
   ema_decay: float = 0.0  # The parameters' moving average (config.ema_decay); 0: none.
+  compute_dtype: str = 'float32'  # What the model computes in (config.compute_dtype).
 
   @classmethod
   def from_config(cls, config, model: nn.Module) -> 'Task':
@@ -72,7 +76,8 @@ class Task:
                metrics=tuple(config.metrics), augment=config.augment,
                model_takes_mask=takes_mask(model),
                grad_accum_steps=config.get('grad_accum_steps', 1),
-               ema_decay=float(config.get('ema_decay', 0.0)))
+               ema_decay=float(config.get('ema_decay', 0.0)),
+               compute_dtype=config.get('compute_dtype', 'float32'))
 
   @property
   def value_names(self) -> tuple[str, ...]:
@@ -95,13 +100,15 @@ def takes_mask(model: nn.Module) -> bool:
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], ema_decay: float = 0.0) -> TrainState:
+                       image_shape: tuple[int, ...], ema_decay: float = 0.0,
+                       loss_scale: bool = False) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   variables = dict(model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32)))
   params = variables.pop('params')
   ema = optax.ema(ema_decay).init(dict(params=params, model_state=variables)) if ema_decay else {}
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng,
-                           model_state=variables, loss_hparams={}, ema=ema)
+                           model_state=variables, loss_hparams={}, ema=ema,
+                           loss_scale=mixed_precision.init() if loss_scale else {})
 
 
 def ema_weights(state: TrainState, decay: float) -> TrainState:
@@ -125,30 +132,40 @@ def debiased(ema: optax.EmaState, decay: float):
 
 def fingerprinted(state: TrainState) -> tuple[Any, dict[str, Any]]:
   """What the parameter fingerprint covers: the parameters, then the model's collections and,
-  with an EMA, its state (count and average): everything a resume must restore exactly."""
-  return state.params, dict(state.model_state, **({'ema': state.ema} if state.ema else {}))
+  with an EMA, its state (count and average), with float16 the loss scale: everything a
+  resume must restore exactly."""
+  extra = {name: part for name, part in (('ema', state.ema), ('loss_scale', state.loss_scale))
+           if part}
+  return state.params, dict(state.model_state, **extra)
 
 
 def _logits(task: Task, state: TrainState, params, images_BxHxWxC, mask_B, *, train: bool,
             rng: jax.Array | None = None):
-  """The model's logits, and its updated mutable collections (training only)."""
+  """The model's logits (float32, whatever the compute dtype), and its updated mutable
+  collections (training only)."""
   variables = {'params': params, **state.model_state}
   kwargs = dict(mask=mask_B) if task.model_takes_mask else {}
   if not train:
-    return state.apply_fn(variables, images_BxHxWxC, train=False, **kwargs), state.model_state
-  if not state.model_state:  # Nothing mutable (the notebook's MLP): a plain apply.
-    return state.apply_fn(variables, images_BxHxWxC, train=True, rngs={'dropout': rng},
-                          **kwargs), state.model_state
-  return state.apply_fn(variables, images_BxHxWxC, train=True, rngs={'dropout': rng},
-                        mutable=list(state.model_state), **kwargs)
+    logits, model_state = (state.apply_fn(variables, images_BxHxWxC, train=False, **kwargs),
+                           state.model_state)
+  elif not state.model_state:  # Nothing mutable (the notebook's MLP): a plain apply.
+    logits, model_state = (state.apply_fn(variables, images_BxHxWxC, train=True,
+                                          rngs={'dropout': rng}, **kwargs), state.model_state)
+  else:
+    logits, model_state = state.apply_fn(variables, images_BxHxWxC, train=True,
+                                         rngs={'dropout': rng}, mutable=list(state.model_state),
+                                         **kwargs)
+  return logits.astype(jnp.float32), model_state
 
 
 def train_step(state: TrainState, batch: Batch,
                task: Task = DEFAULT_TASK) -> tuple[TrainState, Sums]:
   """One optimizer step on the mean loss over the batch's real examples (accumulated over
-  `task.grad_accum_steps` micro-batches), then the EMA's update, if any."""
+  `task.grad_accum_steps` micro-batches), then the EMA's update, if any. With a loss scale
+  (float16), a step whose gradients are not all finite is skipped (mixed_precision.py)."""
   dropout_rng, augment_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   images = augment.build(task.augment)(augment_rng, augment.preprocess(batch['image']))
+  scale = state.loss_scale.scale if state.loss_scale else None
 
   def loss_fn(params, model_state, images, labels, mask, rng, mean=True):
     logits_BxC, model_state = _logits(task, state.replace(model_state=model_state), params,
@@ -156,7 +173,7 @@ def train_step(state: TrainState, batch: Batch,
     values = task.per_example(logits_BxC, labels, state.loss_hparams)
     sums = metrics.masked_sums(values, mask)
     total = sums['loss'] / jnp.maximum(sums[metrics.COUNT], 1.0) if mean else sums['loss']
-    return total, (sums, model_state)
+    return (total if scale is None else total * scale), (sums, model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if task.grad_accum_steps == 1:
@@ -167,12 +184,28 @@ def train_step(state: TrainState, batch: Batch,
     count = jnp.maximum(sums[metrics.COUNT], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # The mean over all real examples.
     loss = sums['loss'] / count
+  if scale is not None:
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32) / scale, grads)
+    loss = sums['loss'] / jnp.maximum(sums[metrics.COUNT], 1.0)
   new_state = state.apply_gradients(grads=grads).replace(model_state=model_state)
   if task.ema_decay:
     _, ema = optax.ema(task.ema_decay).update(
         dict(params=new_state.params, model_state=new_state.model_state), state.ema)
     new_state = new_state.replace(ema=ema)
-  return new_state, dict(sums, loss_mean=loss)
+  sums = dict(sums, loss_mean=loss)
+  if scale is not None:
+    new_state, sums = _skip_unless_finite(state, new_state, sums, grads)
+  return new_state, sums
+
+
+def _skip_unless_finite(state: TrainState, new_state: TrainState, sums: Sums, grads):
+  """float16: the new state if the gradients are all finite; else the old one, one step on
+  and with its sums zeroed (a skipped step trains on nothing). The loss scale updates."""
+  finite = mixed_precision.all_finite(grads)
+  kept = jax.tree.map(functools.partial(jnp.where, finite), new_state,
+                      state.replace(step=state.step + 1))
+  sums = jax.tree.map(lambda s: jnp.where(finite, s, jnp.zeros_like(s)), sums)
+  return kept.replace(loss_scale=mixed_precision.update(state.loss_scale, finite)), sums
 
 
 def _accumulate(grad_fn, state: TrainState, images, batch: Batch, rng: jax.Array, task: Task):
@@ -233,9 +266,10 @@ def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], t
 
   def body(carry, x):
     state, totals = carry
-    new_state, sums = train_step(state, get_batch(x), task)
-    if guard_empty_steps:
-      real = sums[metrics.COUNT] > 0
+    batch = get_batch(x)
+    new_state, sums = train_step(state, batch, task)
+    if guard_empty_steps:  # (The mask, not the sums: a skipped float16 step's sums are 0.)
+      real = jnp.any(batch['mask'] > 0)
       new_state = jax.tree.map(functools.partial(jnp.where, real), new_state, state)
     loss_mean = sums.pop('loss_mean')
     return (new_state, metrics.add_sums(totals, sums)), loss_mean

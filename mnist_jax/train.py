@@ -31,6 +31,7 @@ from mnist_jax import checkpoint
 from mnist_jax import executor as executor_lib
 from mnist_jax import input_pipeline
 from mnist_jax import metrics
+from mnist_jax import mixed_precision
 from mnist_jax import models
 from mnist_jax import optim
 from mnist_jax import profiler as profiler_lib
@@ -101,17 +102,14 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   cache_dir = process.resolve_cache_dir(config.cache_dir)
   if cache_dir:
     process.enable_compilation_cache(cache_dir)
-  info, splits = input_pipeline.load(
-      config.dataset, config.data_dir, (config.train_split, config.eval_split),
-      download=config.download, cache_dir=cache_dir,
-      image_size=tuple(config.get('image_size', ())))
-  model = models.build(config.model, info.num_classes)
+  # Decoded whole (device, tfdata) or opened for streaming (stream), as the mode reads them.
+  mode_name, why, info, splits = executor_lib.load(config, cache_dir)
+  model = models.build(config.model, info.num_classes, config.get('compute_dtype', 'float32'))
   task = steps.Task.from_config(config, model)
-  mode_name = executor_lib.resolve(config.input_mode, splits)
   replicas = sweeps.Replicas.from_config(config)
   execution = executor_lib.for_backend(config)
   executor = executor_lib.create(
-      mode_name, splits, train_split=config.train_split, eval_split=config.eval_split,
+      mode_name, splits, why=why, train_split=config.train_split, eval_split=config.eval_split,
       seeds=[r.seed for r in replicas.items], batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size,
       steps_per_call=_fewest(
@@ -122,7 +120,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   tx = optim.create_optimizer(config, executor.steps_per_epoch * config.num_epochs,
                               swept=tuple(sweeps.swept(config)))
   init = functools.partial(_init_replica, model=model, tx=tx, image_shape=info.image_shape,
-                           ema_decay=task.ema_decay)
+                           ema_decay=task.ema_decay,
+                           loss_scale=mixed_precision.needs_loss_scale(task.compute_dtype))
   # Replica i starts exactly as a single run with its seed and values would.
   rngs = [jax.random.PRNGKey(r.seed) for r in replicas.items]
   rng, hparams = (rngs[0] if len(rngs) == 1 else jax.numpy.stack(rngs),
@@ -139,9 +138,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(info, mode_name, executor, task, state, num_params, cache_dir, record, replicas)
 
 
-def _init_replica(rng, hparams, *, model, tx, image_shape, ema_decay) -> steps.TrainState:
-  return sweeps.assign(steps.create_train_state(rng, model, tx, image_shape, ema_decay),
-                       hparams)
+def _init_replica(rng, hparams, *, model, tx, image_shape, ema_decay,
+                  loss_scale) -> steps.TrainState:
+  return sweeps.assign(
+      steps.create_train_state(rng, model, tx, image_shape, ema_decay, loss_scale), hparams)
 
 
 EMA_PREFIX = 'test_ema_'  # The averaged weights' test values (config.ema_decay > 0).
@@ -155,6 +155,16 @@ def _evaluate(run: Setup, state: steps.TrainState, alive) -> dict:
     averaged = steps.ema_weights(state, run.task.ema_decay)
     record.update(metrics.summarize(run.executor.evaluate(averaged), EMA_PREFIX, alive))
   return record
+
+
+def _loss_scale_record(state: steps.TrainState) -> dict:
+  """float16: the steps skipped so far (non-finite gradients; over all replicas) and the
+  current loss scale (the smallest replica's); {} for other dtypes."""
+  if not state.loss_scale:
+    return {}
+  scale = jax.device_get(state.loss_scale)
+  return dict(skipped_steps=int(np.sum(scale.skipped_steps)),
+              loss_scale=float(np.min(scale.scale)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -277,7 +287,8 @@ def _end_epoch(run: Setup, loop: Loop, ckpt: checkpoint.Checkpointer, logger, pr
   loop.record = dict(
       epoch=epoch + 1, **metrics.summarize(loop.epoch_sums, 'train_', alive), **evaluated,
       examples_per_sec=examples / epoch_seconds if epoch_seconds else 0.0,
-      epoch_seconds=epoch_seconds, elapsed_s=time.perf_counter() - start)
+      epoch_seconds=epoch_seconds, elapsed_s=time.perf_counter() - start,
+      **_loss_scale_record(loop.state))
   loop.record.update(run.replicas.epoch_summary(loop.record, loop.diverged, run.headline))
   logger.write(loop.step, loop.record)
   loop.epoch_sums = run.executor.zero_sums()
@@ -351,7 +362,8 @@ def _write_header(workdir: epath.Path, config, run: Setup) -> None:
       dataset=dict(name=run.info.name, image_shape=list(run.info.image_shape),
                    num_classes=run.info.num_classes, class_names=list(run.info.class_names)))))
   print(f'{run.info.name}: {len(run.executor.train):,} train / {len(run.executor.eval):,} '
-        f'test examples, {run.num_params:,} parameters, input_mode={run.mode_name}, '
+        f'test examples, {run.num_params:,} parameters, '
+        f'input_mode={run.mode_name}{run.executor.why}, '
         f'{jax.device_count()}x {jax.devices()[0].device_kind}', flush=True)
 
 
@@ -371,9 +383,12 @@ def _epoch_line(record: dict, run: Setup, num_epochs: int) -> str:
   if run.replicas.sweeping:
     best = record['best']
     spread += f"  best {best[f'test_{name}']:.4f} ({best['replica']})"
-  averaged = (f"  |  ema test {values('test_ema')}" if f'{EMA_PREFIX}{name}' in record else '')
+  knobs = (f"  |  ema test {values('test_ema')}" if f'{EMA_PREFIX}{name}' in record else '')
+  if 'skipped_steps' in record:
+    knobs += (f"  |  float16: {record['skipped_steps']} steps skipped, loss scale "
+              f"{record['loss_scale']:g}")
   return (f"epoch {record['epoch']}/{num_epochs}  train {values('train')}  |  "
-          f"test {values('test')}{spread}{averaged}  |  "
+          f"test {values('test')}{spread}{knobs}  |  "
           f"{record['examples_per_sec']:,.0f} ex/s  {record['elapsed_s']:.1f}s")
 
 
@@ -397,7 +412,7 @@ def _finish(workdir, config, run: Setup, loop: Loop, start: float, is_writer: bo
   summary = dict(
       {k: v for k, v in record.items() if k.startswith(('test_', 'train_'))},
       epochs=max(config.num_epochs, -(-_step_of(state) // run.executor.steps_per_epoch)),
-      steps=_step_of(state), num_params=run.num_params,
+      steps=_step_of(state), num_params=run.num_params, **_loss_scale_record(state),
       param_fingerprint=writers.fingerprint(*steps.fingerprinted(state)),
       train_seconds=loop.train_seconds, total_seconds=time.perf_counter() - start,
       input_mode=run.mode_name, seed=config.seed, num_seeds=config.num_seeds,
@@ -445,8 +460,7 @@ def _write_report(workdir: epath.Path, config, run: Setup, state, summary: dict)
   shown = summary['best']['index'] if run.replicas.sweeping else 0
   if run.task.ema_decay:
     state = steps.ema_weights(state, run.task.ema_decay)
-  probs = steps.predict(run.replicas.pick(state, shown), run.executor.eval.image,
-                        config.eval_batch_size, run.task)
+  probs = run.executor.predict(run.replicas.pick(state, shown), config.eval_batch_size)
   report.write_run_report(workdir, writers.read_history(workdir), run.executor.eval, probs,
                           summary, config.to_dict())
 

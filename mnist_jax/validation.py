@@ -16,6 +16,7 @@ from mnist_jax import executor
 from mnist_jax.infra import errors
 from mnist_jax import losses
 from mnist_jax import metrics
+from mnist_jax import mixed_precision
 from mnist_jax import models
 from mnist_jax import sweeps
 
@@ -100,6 +101,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('model.bias_init', _named_in(jax.nn.initializers), 'a jax.nn.initializers name, e.g. zeros'),
     ('input_mode', lambda x: x == 'auto' or x in executor.INPUT_MODES,
      f"one of auto, {', '.join(executor.INPUT_MODES)}"),
+    ('input_memory_budget', _is_int_at_least_0, 'bytes, an integer >= 0 (0: auto never streams)'),
     ('loss', lambda x: x in losses.LOSSES, f"one of {', '.join(losses.LOSSES)}"),
     ('loss_kwargs.label_smoothing', _is_fraction, 'a number in [0, 1)'),
     ('metrics', _metric_names,
@@ -111,6 +113,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('warmup_steps', _is_int_at_least_0, 'an integer >= 0 (0: no warmup)'),
     ('grad_accum_steps', _is_positive_int, 'an integer > 0 (1: off)'),
     ('ema_decay', _is_fraction, 'a number in [0, 1) (0: off), e.g. 0.999'),
+    ('compute_dtype', lambda x: x in mixed_precision.DTYPES,
+     f"one of {', '.join(mixed_precision.DTYPES)}"),
 ]
 
 # What config.backend_overrides.<backend> may set: how the steps run, never what they compute.

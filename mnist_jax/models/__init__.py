@@ -13,7 +13,12 @@ The model contract. A model is a module here that defines a Linen `Model`:
   * dropout draws from the 'dropout' rng stream, which the step derives from (seed, step);
   * optional: a `mask` keyword argument. A model that takes one gets the batch's mask [B]
     (1.0 for a real example, 0.0 for the padding of an epoch's last batch), e.g. to pass to
-    `nn.BatchNorm(...)(x, mask=...)` so that padding never enters the batch statistics.
+    `nn.BatchNorm(...)(x, mask=...)` so that padding never enters the batch statistics;
+  * optional: a `dtype` field (constructor argument). A model that takes one gets
+    config.compute_dtype as a jnp dtype (float32, bfloat16, float16) and computes in it by
+    passing it on to its layers (`nn.Dense(..., dtype=self.dtype)`), keeping their
+    `param_dtype` float32; the step casts its logits to float32. A model without one computes
+    in float32 whatever the config says.
 
 `Model` may instead be a Flax NNX module (`nnx.Module`):
   * built as `Model(num_classes=..., **fields, rngs=nnx.Rngs(...))`; a constructor that takes
@@ -32,6 +37,7 @@ import pkgutil
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mnist_jax.infra import errors
 from mnist_jax.models import _nnx
@@ -58,7 +64,7 @@ def module_class(name: str) -> type:
 
 
 # Constructor arguments the run passes itself, never a config.model field.
-_SET_BY_THE_RUN = {'num_classes', 'rngs', 'image_shape', 'parent', 'name'}
+_SET_BY_THE_RUN = {'num_classes', 'rngs', 'image_shape', 'dtype', 'parent', 'name'}
 
 
 def check(model_config) -> None:
@@ -72,7 +78,9 @@ def check(model_config) -> None:
   where = f'models.{name}.Model'
   for field in fields:
     if field in _SET_BY_THE_RUN:
-      raise errors.ConfigError(f'config.model.{field} is invalid: the run sets {field} itself.')
+      instead = ' (set config.compute_dtype)' if field == 'dtype' else ''
+      raise errors.ConfigError(
+          f'config.model.{field} is invalid: the run sets {field} itself{instead}.')
     if field not in parameters and not takes_any:
       accepted = sorted(set(parameters) - _SET_BY_THE_RUN)
       raise errors.ConfigError(
@@ -88,11 +96,15 @@ def check(model_config) -> None:
     raise errors.ConfigError(f'{where} is invalid: an NNX Model must take rngs (nnx.Rngs).')
 
 
-def build(model_config, num_classes: int):
+def build(model_config, num_classes: int, dtype: str = 'float32'):
   """`models.<name>.Model(num_classes=..., **other fields of model_config)`: the Linen module,
-  or an NNX module class wrapped to look like one (`create`)."""
+  or an NNX module class wrapped to look like one (`create`). A Model that takes `dtype` gets
+  `dtype` (config.compute_dtype) as a jnp dtype."""
   fields = dict(model_config)
-  return create(module_class(fields.pop('name')), num_classes, **fields)
+  cls = module_class(fields.pop('name'))
+  if 'dtype' in _nnx.constructor_parameters(cls):
+    fields['dtype'] = jnp.dtype(dtype)
+  return create(cls, num_classes, **fields)
 
 
 def create(cls: type, num_classes: int, **fields):

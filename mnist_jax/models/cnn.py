@@ -6,9 +6,11 @@ than models/layers.py's `Conv`: README, Speed); its pooling is models/layers.py'
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mnist_jax import models
 from mnist_jax.models import layers
@@ -23,11 +25,12 @@ class Model(nn.Module):
   activation: str = 'relu'
   kernel_init: str = 'glorot_uniform'
   bias_init: str = 'zeros'
+  dtype: Any = jnp.float32  # config.compute_dtype: what the layers compute in.
 
   @nn.compact
   def __call__(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
     inits = dict(kernel_init=models.initializer(self.kernel_init),
-                 bias_init=models.initializer(self.bias_init))
+                 bias_init=models.initializer(self.bias_init), dtype=self.dtype)
     act = models.activation(self.activation)
     x = images_BxHxWxC
     for features in self.features:

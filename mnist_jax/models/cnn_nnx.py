@@ -9,9 +9,11 @@ CPU path cnn.py has. Only the logits kernel's layout differs:
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 
 from mnist_jax import models
 from mnist_jax.models import layers
@@ -23,9 +25,10 @@ class Model(nnx.Module):
                features: Sequence[int] = (32, 64), kernel_size: int = 3,
                hidden_sizes: Sequence[int] = (128,), dropout_rate: float = 0.0,
                activation: str = 'relu', kernel_init: str = 'glorot_uniform',
-               bias_init: str = 'zeros', rngs: nnx.Rngs):
+               bias_init: str = 'zeros', dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    # dtype (config.compute_dtype): what the layers compute in; the parameters stay float32.
     inits = dict(kernel_init=models.initializer(kernel_init),
-                 bias_init=models.initializer(bias_init))
+                 bias_init=models.initializer(bias_init), dtype=dtype)
     height, width, channels = image_shape
     self.convs = nnx.List()
     for size in features:

@@ -18,6 +18,7 @@ parameter names, shapes and initial values (tests/unit/test_layers.py).
 
 from collections.abc import Callable, Sequence
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,12 +44,14 @@ class Logits(nn.Module):
   features: int
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
+  dtype: Any = jnp.float32  # The computation's; the parameters stay float32.
 
   @nn.compact
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
     kernel_CxD = self.param(
         'kernel', lambda rng: self.kernel_init(rng, (x_BxD.shape[-1], self.features)).T)
     bias_C = self.param('bias', self.bias_init, (self.features,))
+    x_BxD, kernel_CxD, bias_C = (a.astype(self.dtype) for a in (x_BxD, kernel_CxD, bias_C))
     return jnp.einsum('bd,cd->bc', x_BxD, kernel_CxD) + bias_C[None, :]
 
 

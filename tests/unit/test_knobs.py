@@ -108,3 +108,90 @@ def test_the_fingerprint_covers_the_ema_and_is_unchanged_without_one():
           != writers.fingerprint(*steps.fingerprinted(moved)))
   assert writers.fingerprint(*steps.fingerprinted(with_ema)) != writers.fingerprint(
       *steps.fingerprinted(plain))
+
+
+# --- Mixed precision (config.compute_dtype) -----------------------------------------------------
+
+from mnist_jax import mixed_precision  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mnist_jax.infra import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TINY = {'mlp': dict(hidden_sizes=(32,)), 'cnn_bn': dict(features=(4,), hidden_sizes=(8,)),
+        'cnn_nnx': dict(features=(4,), hidden_sizes=(8,))}
+
+
+def _dtype_state(name, compute_dtype, loss_scale=False):
+  model = models.build(ml_collections.ConfigDict(dict(name=name, **TINY[name])), 10,
+                       compute_dtype)
+  state = steps.create_train_state(jax.random.PRNGKey(0), model,
+                                   optax.rmsprop(1e-3, decay=0.9, eps=1e-7), (28, 28, 1),
+                                   loss_scale=loss_scale)
+  return state, steps.Task(model_takes_mask=steps.takes_mask(model), compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(name):
+  (f32, _), (bf16, task) = _dtype_state(name, 'float32'), _dtype_state(name, 'bfloat16')
+  for a, b in zip(jax.tree.leaves((f32.params, f32.model_state)),
+                  jax.tree.leaves((bf16.params, bf16.model_state))):
+    assert a.dtype == b.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)  # The same initial values: only the arithmetic differs.
+  batch = _batches(1)[0]
+  logits32, _ = steps._logits(task, f32, f32.params, batch['image'] / 255.0, batch['mask'],
+                              train=False)
+  logits16, _ = steps._logits(task, bf16, bf16.params, batch['image'] / 255.0, batch['mask'],
+                              train=False)
+  assert logits16.dtype == jnp.float32  # Cast back before the loss and metrics.
+  diff = float(jnp.max(jnp.abs(logits32 - logits16)))
+  assert 0 < diff < 0.1 * float(jnp.max(jnp.abs(logits32))) + 0.05  # bf16's rounding, no more.
+  trained, sums = steps.train_step_jit(bf16, batch, task=task)
+  for leaf in jax.tree.leaves((trained.params, trained.opt_state, trained.model_state)):
+    assert leaf.dtype in (jnp.float32, jnp.int32)
+  assert np.isfinite(float(sums['loss_mean']))
+
+
+def test_float16_skips_a_step_whose_gradients_overflow_and_backs_off():
+  state, task = _dtype_state('mlp', 'float16', loss_scale=True)
+  assert float(state.loss_scale.scale) == mixed_precision.INITIAL_SCALE
+  batch = _batches(1)[0]
+  before = jax.device_get((state.params, state.opt_state))  # (The step donates its state.)
+  fine, sums = steps.train_step_jit(state, batch, task=task)
+  assert int(fine.loss_scale.skipped_steps) == 0 and float(sums['count']) == 128 - 20
+  assert not np.allclose(fine.params['Dense_0']['kernel'], before[0]['Dense_0']['kernel'])
+  # A scale that float16's range cannot hold: the logits' cotangent overflows to inf.
+  huge = _dtype_state('mlp', 'float16', loss_scale=True)[0].replace(
+      loss_scale=mixed_precision.init(2.0 ** 40))
+  skipped, sums = steps.train_step_jit(huge, batch, task=task)
+  assert int(skipped.step) == 1  # Counted as a step, ...
+  for a, b in zip(jax.tree.leaves((skipped.params, skipped.opt_state)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)  # ... but nothing moved.
+  assert int(skipped.loss_scale.skipped_steps) == 1
+  assert float(skipped.loss_scale.scale) == 2.0 ** 39
+  assert float(sums['count']) == 0 and float(sums['loss_mean']) == 0  # Trained on nothing.
+
+
+def test_the_loss_scale_grows_after_a_run_of_finite_steps():
+  scale = mixed_precision.init(8.0)
+  for _ in range(mixed_precision.GROWTH_INTERVAL - 1):
+    scale = mixed_precision.LossScale(scale.scale, scale.finite_steps + 1, scale.skipped_steps)
+  grown = mixed_precision.update(scale, jnp.asarray(True))
+  assert float(grown.scale) == 16.0 and int(grown.finite_steps) == 0
+  backed_off = mixed_precision.update(grown, jnp.asarray(False))
+  assert float(backed_off.scale) == 8.0 and int(backed_off.skipped_steps) == 1
+
+
+def test_float32_is_the_same_program_as_before():
+  """compute_dtype='float32' passes dtype=float32 to every layer: the same arithmetic as the
+  layers' own default (dtype None, inferred from the float32 inputs), bit for bit."""
+  batch = _batches(1)[0]
+  plain = models.create(models.module_class('mlp'), 10, hidden_sizes=(32,))  # No dtype given.
+  typed = models.build(ml_collections.ConfigDict(dict(name='mlp', hidden_sizes=(32,))), 10,
+                       'float32')
+  assert typed.dtype == jnp.float32
+  params = plain.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  images = batch['image'] / 255.0
+  np.testing.assert_array_equal(plain.apply(params, images), typed.apply(params, images))
+
+
+def test_config_model_dtype_is_refused_with_the_field_to_use():
+  with pytest.raises(errors.ConfigError, match='compute_dtype'):
+    models.check(ml_collections.ConfigDict(dict(name='mlp', dtype='bfloat16')))

@@ -27,6 +27,12 @@ BAD_VALUES = [
     ('input_mode', 'nope'),
     ('optimizer_kwargs.decay', 1.0),
     ('optimizer_kwargs.eps', -1e-7),
+    ('grad_accum_steps', 0),
+    ('grad_accum_steps', 3),  # Does not divide batch_size=128.
+    ('ema_decay', 1.0),
+    ('ema_decay', -0.1),
+    ('compute_dtype', 'float64'),
+    ('compute_dtype', 'bf16'),
 ]
 
 

@@ -1,0 +1,312 @@
+"""Stream mode (`config.input_mode='stream'`): examples read by index from ArrayRecord files and
+decoded on the fly; no split is ever held whole in host memory.
+
+The examples each step reads come from `input_pipeline.batch_plan` (the same per-epoch order
+and masked last batch as the other modes), so a stream run trains exactly as a `device` run
+does, and a resumed run rebuilds its position from the step alone.
+
+- Files. ArrayRecord is TFDS's random-access format (`tfds.data_source`). A dataset prepared in
+  it (also one written with `tfds.dataset_builders.store_as_tfds_dataset(...,
+  file_format='array_record')` and found by name in the data dir) is read in place. One
+  prepared as TFRecord (TFDS's default, the shared MNIST) is converted once into the cache
+  folder, `<cache_dir>/arrayrecord/<name>-<version>-<digest of the files>/`, shard by shard with
+  TFDS's own file adapters (what `tfds convert_format` runs; TFDS 4.9's converter module itself
+  cannot be imported without Apache Beam). The conversion writes into a temporary folder that
+  is renamed only once it is complete, so a killed conversion is never read: the next run
+  converts again.
+- Decoding in parallel: Grain threads (`grain.MapDataset.to_iter_dataset` with
+  `grain.ReadOptions`), one planned step's batch per task. Threads rather than worker
+  processes: the work is ArrayRecord's C++ reads and PNG decoding, which release the GIL, the
+  host has few cores that the training itself needs, and threads share the one open reader
+  (worker processes would each import TFDS and open the files, ~100s of MB each, and a worker
+  killed by the OS could leave the run waiting). A failure in a thread reaches the loop at once,
+  as one line naming the file and record.
+- Prefetch: Grain keeps two chunks of steps decoded ahead; the executor keeps the next chunk
+  on the device while the current one trains (`executor.StreamExecutor`).
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mnist_jax import datasets
+from mnist_jax import input_pipeline
+from mnist_jax.infra import errors
+
+# The bytes of decoded examples a chunk of steps (one jitted call) holds on the host.
+CHUNK_BYTES = 8 << 20
+FOLDER = 'arrayrecord'  # Under the cache dir: converted datasets.
+_TMP_PREFIX = '.tmp-'  # A conversion still being written (or killed): never read.
+
+
+class StreamReadError(errors.UserError):
+  pass
+
+
+@dataclasses.dataclass
+class StreamSplit:
+  """A split read by index from its ArrayRecord files; `len()`, `read(indices)`, and for the
+  report its `label`s (decoded without the images) and `image`s by index (`LazyImages`)."""
+  spec: str
+  source: object  # tfds.data_source's ArrayRecordDataSource.
+  labels_source: object  # The same, with the images left undecoded.
+  files: tuple  # (filename, first index, end index) of the split's examples.
+  image_shape: tuple[int, ...]
+  image_size: tuple[int, ...] = ()
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 images [*index.shape, H, W, C] and int32 labels [*index.shape]."""
+    flat = index.reshape(-1).tolist()
+    try:
+      examples = self.source.__getitems__(flat)
+    except Exception as e:  # pylint: disable=broad-except  (a damaged file: find the record)
+      raise self._damaged(flat, e) from None
+    image = np.stack([example['image'] for example in examples]).astype(np.uint8, copy=False)
+    if self.image_size and image.shape[1:3] != self.image_size:
+      image = datasets.resize_images(image, self.image_size)
+    label = np.array([example['label'] for example in examples], np.int32)
+    return dict(image=image.reshape(*index.shape, *image.shape[1:]),
+                label=label.reshape(index.shape))
+
+  def _damaged(self, flat: list[int], error: Exception) -> StreamReadError:
+    bad = next((i for i in dict.fromkeys(flat) if not _readable(self.source, i)), flat[0])
+    filename, first = next(((f, a) for f, a, b in self.files if a <= bad < b),
+                           (self.files[0][0], 0))
+    return StreamReadError(
+        f'cannot read example {bad} of split {self.spec!r}: record {bad - first} of {filename} '
+        f'is damaged ({type(error).__name__}: {errors.first_line(error) or "unreadable"}). '
+        'Prepare the dataset again (a converted copy: delete its folder, the next run '
+        'converts it anew).')
+
+  @functools.cached_property
+  def label(self) -> np.ndarray:
+    """Every label [N] int32 (4 bytes an example), read without decoding an image."""
+    return np.array([e['label'] for e in self.labels_source.__getitems__(range(len(self)))],
+                    np.int32)
+
+  @property
+  def image(self) -> 'LazyImages':
+    return LazyImages(self)
+
+
+@dataclasses.dataclass
+class LazyImages:
+  """A split's images, read when indexed (report.worst_errors takes a few by index)."""
+  split: StreamSplit
+
+  def __len__(self) -> int:
+    return len(self.split)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (len(self.split), *self.split.image_shape)
+
+  def __getitem__(self, index) -> np.ndarray:
+    return self.split.read(np.asarray(index, np.int64))['image']
+
+
+def _readable(source, i: int) -> bool:
+  try:
+    source[i]
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+# --- Opening a dataset ---------------------------------------------------------------------
+
+def decoded_sizes(dataset: str, data_dir: str, specs: tuple[str, ...],
+                  image_size: tuple[int, ...] = ()) -> dict[str, int]:
+  """The bytes each split would take decoded, from the dataset's metadata alone (nothing is
+  read); {} where that is not known without decoding (own data, variable image sizes, a
+  dataset not prepared yet)."""
+  if dataset.split(':', 1)[0] in datasets.SOURCES:
+    return {}
+  try:
+    builder = tfds.builder(dataset, data_dir=input_pipeline.resolve_data_dir(data_dir))
+    shape = builder.info.features['image'].shape
+    if image_size:
+      shape = (*image_size, shape[-1])
+    if None in shape:
+      return {}
+    return {spec: builder.info.splits[spec].num_examples * (math.prod(shape) + 4)
+            for spec in specs}
+  except Exception:  # pylint: disable=broad-except  (load() then says what is wrong)
+    return {}
+
+
+def open_splits(dataset: str, data_dir: str, specs: tuple[str, ...], *, download: bool,
+                cache_dir: epath.Path | None, image_size: tuple[int, ...] = ()
+                ) -> tuple[input_pipeline.DatasetInfo, dict[str, StreamSplit]]:
+  """The splits of a TFDS dataset, opened for reading by index (converted once if needed)."""
+  if dataset.split(':', 1)[0] in datasets.SOURCES:
+    raise errors.ConfigError(
+        f"input_mode='stream' reads TFDS datasets from ArrayRecord files; own data "
+        f'({dataset.split(":", 1)[0]}:) is decoded whole: use input_mode auto, device or tfdata, '
+        'or store it with tfds.dataset_builders.store_as_tfds_dataset(..., '
+        "file_format='array_record') and name it.")
+  image_size = tuple(image_size)
+  builder = input_pipeline.find_builder(dataset, data_dir, download)
+  folder = arrayrecord_folder(builder, cache_dir)
+  reader = tfds.builder_from_directory(folder)
+  split_names = tuple(reader.info.splits)
+  splits = {}
+  for spec in specs:
+    input_pipeline.parse_split(spec, split_names, dataset)  # One line for a bad spec.
+    splits[spec] = _open_split(reader, spec, image_size)
+  shapes = {spec: split.image_shape for spec, split in splits.items()}
+  if len(set(shapes.values())) > 1:
+    raise errors.UserError(
+        f"{dataset}: its splits' images differ in shape ({shapes}); input_mode='stream' "
+        "needs one shape: set --config.image_size=\"(H, W)\", or use input_mode='tfdata'.")
+  label = reader.info.features['label']
+  info = input_pipeline.DatasetInfo(dataset, next(iter(shapes.values())), label.num_classes,
+                                    tuple(label.names))
+  return info, splits
+
+
+def _open_split(reader, spec: str, image_size: tuple[int, ...]) -> StreamSplit:
+  try:
+    source = reader.as_data_source(spec)
+    labels_source = reader.as_data_source(spec, decoders={'image': tfds.decode.SkipDecoding()})
+    instructions = reader.info.splits[spec].file_instructions
+  except Exception as e:  # pylint: disable=broad-except  (TFDS: ValueError, KeyError, ...)
+    raise errors.ConfigError(f'split {spec!r} of {reader.name} cannot be streamed '
+                             f'({type(e).__name__}: {errors.first_line(e)}).') from None
+  if not len(source):
+    raise errors.ConfigError(f'split {spec!r} of {reader.name} holds no examples.')
+  files, start = [], 0
+  for instruction in instructions:
+    files.append((instruction.filename, start, start + instruction.take))
+    start += instruction.take
+  shape = tuple(source[0]['image'].shape)
+  if image_size:
+    shape = (*image_size, shape[-1])
+  return StreamSplit(spec, source, labels_source, tuple(files), shape, image_size)
+
+
+# --- TFRecord -> ArrayRecord, once, atomically -------------------------------------------
+
+def arrayrecord_folder(builder, cache_dir: epath.Path | None) -> epath.Path:
+  """The folder of the dataset's ArrayRecord files: its own if it is prepared in ArrayRecord,
+  else its converted copy in the cache (converted now if there is none yet)."""
+  info = builder.info
+  if info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    return epath.Path(builder.data_dir)
+  if cache_dir is None:
+    raise errors.ConfigError(
+        f"input_mode='stream' reads ArrayRecord files; {builder.name} is prepared as "
+        f"{info.file_format.value} in {builder.data_dir} and its converted copy goes in the cache "
+        "folder, which config.cache_dir='none' turns off: set a cache dir (or $MNIST_JAX_CACHE).")
+  target = cache_dir / FOLDER / input_pipeline.cache_key(builder)
+  if not (target / 'dataset_info.json').exists():
+    convert(epath.Path(builder.data_dir), target)
+  return target
+
+
+def convert(version_dir: epath.Path, target: epath.Path) -> None:
+  """Converts a prepared dataset version (TFRecord shards and metadata) into ArrayRecord in
+  `target`: written into a temporary folder beside it, renamed once complete."""
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
+  input_pipeline.tensorflow()  # Reads the TFRecords; GPUs hidden first.
+  target.parent.mkdir(parents=True, exist_ok=True)
+  _remove_stale(target)
+  tmp = target.parent / f'{_TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  tmp.mkdir()
+  shards = sorted(version_dir.glob('*.tfrecord-*'))
+  print(f'converting {version_dir} ({len(shards)} TFRecord shards) to ArrayRecord in {target} '
+        '(once, for input_mode=stream)', flush=True)
+  reader = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.TFRECORD]
+  writer = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.ARRAY_RECORD]
+  try:
+    for shard in shards:
+      records = ((i, r.numpy()) for i, r in enumerate(reader.make_tf_data(shard)))
+      writer.write_examples(tmp / shard.name.replace('.tfrecord-', '.array_record-'), records)
+    for meta in version_dir.glob('*.json'):
+      (tmp / meta.name).write_text(meta.read_text())
+    _set_file_format(tmp / 'dataset_info.json', 'array_record')
+    try:
+      tmp.rename(target)
+    except OSError:  # Another run converted it first: use theirs.
+      if not (target / 'dataset_info.json').exists():
+        raise
+  except OSError as e:
+    raise errors.UserError(f'converting {version_dir} to ArrayRecord in {target.parent} failed '
+                           f'({type(e).__name__}: {errors.first_line(e)}); free some disk '
+                           'space there, or set --config.cache_dir elsewhere.') from None
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_file_format(info_path: epath.Path, file_format: str) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  info = json.loads(info_path.read_text())
+  info['fileFormat'] = file_format
+  info_path.write_text(json.dumps(info, indent=2))
+
+
+def _remove_stale(target: epath.Path) -> None:
+  """Removes what killed conversions of `target` left behind (their process is gone)."""
+  for leftover in target.parent.glob(f'{_TMP_PREFIX}{target.name}-*'):
+    pid = leftover.name[len(f'{_TMP_PREFIX}{target.name}-'):].split('-')[0]
+    if not pid.isdigit() or not _alive(int(pid)):
+      shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+    return True
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+
+
+# --- Batches -------------------------------------------------------------------------------
+
+def steps_per_chunk(batch_size: int, image_shape: tuple[int, ...]) -> int:
+  """How many steps a chunk of CHUNK_BYTES decoded examples holds (at least one)."""
+  return max(1, CHUNK_BYTES // (batch_size * (math.prod(image_shape) + 4)))
+
+
+def host_batches(split: StreamSplit, chunks: list[dict[str, np.ndarray]],
+                 threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """The planned chunks' examples, read and decoded in Grain threads, two chunks ahead.
+
+  Each chunk holds 'index' and 'mask' [(N,) K, B]; yields 'image' [(N,) K, B, H, W, C] uint8,
+  'label' [(N,) K, B] int32 and 'mask', as input_pipeline.tf_batches does.
+  """
+  import grain  # pylint: disable=g-import-not-at-top  (only stream mode needs it)
+  if not chunks:
+    return
+  k_axis = chunks[0]['mask'].ndim - 2  # Of K in [(N,) K, B].
+  steps_per = chunks[0]['mask'].shape[k_axis]
+  rows = [(c['index'].take(k, k_axis), c['mask'].take(k, k_axis))
+          for c in chunks for k in range(steps_per)]
+
+  def read_row(row):
+    index, mask = row
+    return dict(split.read(index), mask=mask)
+
+  def stack(batches):
+    return {key: np.moveaxis(np.stack([b[key] for b in batches]), 0, k_axis)
+            for key in batches[0]}
+
+  options = grain.ReadOptions(num_threads=threads or os.cpu_count() or 1,
+                              prefetch_buffer_size=2 * steps_per)
+  dataset = (grain.MapDataset.source(rows).map(read_row).to_iter_dataset(options)
+             .batch(steps_per, batch_fn=stack))
+  yield from dataset
