@@ -10,6 +10,7 @@ step alone.
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
 import pathlib
@@ -85,7 +86,7 @@ def load(dataset: str, data_dir: str, splits: tuple[str, ...], *, download: bool
   image_size = tuple(image_size)
   source = datasets.find(dataset, image_size)
   if source is None:
-    builder = _builder(dataset, resolve_data_dir(data_dir))
+    builder = _builder_as_before(dataset, resolve_data_dir(data_dir), cache_dir)
     label = builder.info.features['label']
     info = DatasetInfo(dataset, (), label.num_classes, tuple(label.names))
     split_names = tuple(builder.info.splits)
@@ -218,6 +219,33 @@ def _builder(dataset: str, data_dir: str | None):
         f"{', '.join(f'{kind}:PATH' for kind in datasets.SOURCES)}.") from None
 
 
+def _builder_as_before(dataset: str, data_dir: str | None, cache_dir: epath.Path | None):
+  """`_builder`, or, where an earlier run with this cache found the dataset prepared and its
+  files are unchanged, the same builder read from its folder (~0.01 s). tfds.builder imports
+  every dataset module TFDS registers first (0.2-0.4 s a run). The folder's builder is used
+  only if its cache key (files, sizes, times) is the one the registered builder gave."""
+  memo = cache_dir and cache_dir / 'data' / f'tfds-builder-{_digest(dataset, data_dir)}.json'
+  try:
+    seen = json.loads(memo.read_text()) if memo and memo.exists() else None
+    if seen and sorted(os.listdir(pathlib.Path(seen['folder']).parent)) == seen['siblings']:
+      builder = tfds.builder_from_directory(seen['folder'])
+      if builder.is_prepared() and _cache_key(builder) == seen['cache_key']:
+        return builder
+  except Exception:  # pylint: disable=broad-except  (any doubt: the registered builder)
+    pass
+  builder = _builder(dataset, data_dir)
+  if memo and builder.is_prepared():
+    folder = pathlib.Path(builder.data_dir)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_json_atomic(memo, dict(folder=str(folder), cache_key=_cache_key(builder),
+                                         siblings=sorted(os.listdir(folder.parent))))
+  return builder
+
+
+def _digest(*parts) -> str:
+  return hashlib.sha256(repr((*parts, tfds.__version__)).encode()).hexdigest()[:16]
+
+
 def _prepare(builder, download: bool) -> None:
   """Downloads the dataset when allowed and reachable; otherwise says how to get it."""
   looked_in = builder.data_dir
@@ -322,6 +350,8 @@ def read_cached_split(path: epath.Path, shape_NxHxWxC: tuple[int, ...]) -> Split
 
 
 def _decode(builder, split: str, download: bool) -> Split:
+  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    return _decode_array_record(builder, split)  # tf.data does not read ArrayRecord.
   tensorflow()  # Before TFDS imports it, so the GPUs are hidden first.
   # Through the builder found, not tfds.load(builder.name, ...): a dataset the registry does
   # not know (written by tfds.dataset_builders.store_as_tfds_dataset) is read from its files.
@@ -336,6 +366,16 @@ def _decode(builder, split: str, download: bool) -> Split:
     images.append(batch['image'])
     labels.append(batch['label'])
   return Split(np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32))
+
+
+def _decode_array_record(builder, split: str, block: int = 10_000) -> Split:
+  source = builder.as_data_source(split)
+  images, labels = [], []
+  for start in range(0, len(source), block):
+    examples = source.__getitems__(range(start, min(start + block, len(source))))
+    images.append(np.stack([e['image'] for e in examples]).astype(np.uint8))
+    labels.append(np.array([e['label'] for e in examples], np.int32))
+  return Split(np.concatenate(images), np.concatenate(labels))
 
 
 # --- The order of examples ------------------------------------------------------------------

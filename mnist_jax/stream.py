@@ -190,10 +190,9 @@ def _open_split(reader, spec: str, image_size: tuple[int, ...]) -> StreamSplit:
   for instruction in instructions:
     files.append((instruction.filename, start, start + instruction.take))
     start += instruction.take
-  shape = tuple(source[0]['image'].shape)
-  if image_size:
-    shape = (*image_size, shape[-1])
-  return StreamSplit(spec, source, labels_source, tuple(files), shape, image_size)
+  split = StreamSplit(spec, source, labels_source, tuple(files), (), image_size)
+  split.image_shape = split.read(np.zeros(1, np.int64))['image'].shape[1:]
+  return split
 
 
 # --- TFRecord -> ArrayRecord, once, atomically -------------------------------------------
@@ -211,14 +210,16 @@ def arrayrecord_folder(builder, cache_dir: epath.Path | None) -> epath.Path:
         "folder, which config.cache_dir='none' turns off: set a cache dir (or $MNIST_JAX_CACHE).")
   target = cache_dir / FOLDER / input_pipeline.cache_key(builder)
   if not (target / 'dataset_info.json').exists():
-    convert(epath.Path(builder.data_dir), target)
+    convert(builder, target)
   return target
 
 
-def convert(version_dir: epath.Path, target: epath.Path) -> None:
+def convert(builder, target: epath.Path) -> None:
   """Converts a prepared dataset version (TFRecord shards and metadata) into ArrayRecord in
-  `target`: written into a temporary folder beside it, renamed once complete."""
+  `target`: written into a temporary folder beside it, renamed once complete. Every shard must
+  hold as many records as the dataset's metadata says (a truncated TFRecord file just ends)."""
   from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
+  version_dir = epath.Path(builder.data_dir)
   input_pipeline.tensorflow()  # Reads the TFRecords; GPUs hidden first.
   target.parent.mkdir(parents=True, exist_ok=True)
   _remove_stale(target)
@@ -231,8 +232,17 @@ def convert(version_dir: epath.Path, target: epath.Path) -> None:
   writer = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.ARRAY_RECORD]
   try:
     for shard in shards:
-      records = ((i, r.numpy()) for i, r in enumerate(reader.make_tf_data(shard)))
-      writer.write_examples(tmp / shard.name.replace('.tfrecord-', '.array_record-'), records)
+      count = [0]  # Records read so far (streamed: a shard is never held whole either).
+
+      def records(shard=shard, count=count):
+        for i, record in enumerate(reader.make_tf_data(shard)):
+          count[0] = i + 1
+          yield i, record.numpy()
+
+      writer.write_examples(tmp / shard.name.replace('.tfrecord-', '.array_record-'), records())
+      if count[0] != _shard_length(builder, shard.name):
+        raise ValueError(f'{shard.name} holds {count[0]} records, its metadata says '
+                         f'{_shard_length(builder, shard.name)}')
     for meta in version_dir.glob('*.json'):
       (tmp / meta.name).write_text(meta.read_text())
     _set_file_format(tmp / 'dataset_info.json', 'array_record')
@@ -241,13 +251,22 @@ def convert(version_dir: epath.Path, target: epath.Path) -> None:
     except OSError:  # Another run converted it first: use theirs.
       if not (target / 'dataset_info.json').exists():
         raise
-  except OSError as e:
+  except Exception as e:  # pylint: disable=broad-except  (OS, TF's DataLossError, ...)
+    fix = ('free some disk space there, or set --config.cache_dir elsewhere' if
+           isinstance(e, OSError) else f'{version_dir} may be damaged: prepare it again')
     raise errors.UserError(f'converting {version_dir} to ArrayRecord in {target.parent} failed '
-                           f'({type(e).__name__}: {errors.first_line(e)}); free some disk '
-                           'space there, or set --config.cache_dir elsewhere.') from None
+                           f'({type(e).__name__}: {errors.first_line(e) or "no message"}); '
+                           f'nothing half-converted is kept; {fix}.') from None
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shard_length(builder, shard_name: str) -> int:
+  """The records a shard '<name>-<split>.tfrecord-<i>-of-<n>' holds, by the metadata."""
+  stem, numbers = shard_name.split('.tfrecord-')
+  split = stem[len(builder.name.split('/')[0]) + 1:]
+  return builder.info.splits[split].shard_lengths[int(numbers.split('-')[0])]
 
 
 def _set_file_format(info_path: epath.Path, file_format: str) -> None:
