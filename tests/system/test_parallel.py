@@ -63,6 +63,8 @@ BN_OVERRIDES = {'input_mode': 'device', 'model.features': [4], 'model.hidden_siz
 BN_RTOL, BN_ATOL = 1e-4, 1e-5
 # A sweep of two learning rates (two replicas, vmapped) on the same data.
 SWEEP_OVERRIDES = overrides('device', **{'sweep.learning_rate': [1e-3, 3e-3]})
+# The knobs on that sweep: an EMA of the weights, and 2 micro-batches of 8 (1 a device).
+KNOBS_OVERRIDES = dict(SWEEP_OVERRIDES, ema_decay=0.9, grad_accum_steps=2)
 
 
 def as_flags(fields: dict) -> list[str]:
@@ -120,6 +122,7 @@ def launched(tmp_path_factory):
         for mode in MODES],
       dict(name='bn', config='cnn_bn', workdir=str(workdirs / 'bn8'), overrides=BN_OVERRIDES),
       dict(name='sweep', workdir=str(workdirs / 'sweep8'), overrides=SWEEP_OVERRIDES),
+      dict(name='knobs', workdir=str(workdirs / 'knobs8'), overrides=KNOBS_OVERRIDES),
       # The evaluation batch is split over the devices as well (last: today it fails late).
       dict(name='eval_batch12', workdir=str(workdirs / 'eval_batch12'),
            overrides=overrides('device', eval_batch_size=12, num_epochs=1)),
@@ -129,6 +132,7 @@ def launched(tmp_path_factory):
   jobs1.append(dict(name='bn', config='cnn_bn', workdir=str(workdirs / 'bn1'),
                     overrides=BN_OVERRIDES))
   jobs1.append(dict(name='sweep', workdir=str(workdirs / 'sweep1'), overrides=SWEEP_OVERRIDES))
+  jobs1.append(dict(name='knobs', workdir=str(workdirs / 'knobs1'), overrides=KNOBS_OVERRIDES))
   state = dict(root=root, workdirs=workdirs, out8=root / 'out8', out1=root / 'out1')
   children = []
   try:
@@ -229,6 +233,26 @@ def test_8_devices_train_a_sweep_as_1_device(data_parallel):
     assert want[key].shape[0] == 2  # One per replica.
   kernel = want["['Dense_0']['kernel']"]
   assert not np.allclose(kernel[0], kernel[1])  # The two rates trained differently.
+
+
+def test_8_devices_train_a_sweep_with_ema_and_accumulation_as_1_device(data_parallel):
+  eight, one = (result(data_parallel[out], 'knobs') for out in ('out8', 'out1'))
+  assert eight['exit_code'] == one['exit_code'] == 0
+  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=RTOL, atol=ATOL)
+  for key in ('test_loss', 'test_ema_loss'):
+    assert eight['summary'][key] == pytest.approx(one['summary'][key], rel=RTOL), key
+  got, want = params(data_parallel['out8'], 'knobs'), params(data_parallel['out1'], 'knobs')
+  averages = [k for k in want if k.startswith("model_state['ema']")]
+  assert len(averages) == 5  # The count, and the average of each of the 4 parameters.
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=RTOL, atol=ATOL, err_msg=key)
+  # Accumulating changed nothing but the order of the sums: the sweep's plain run is the same.
+  sweep = params(data_parallel['out1'], 'sweep')
+  for key in sweep:
+    np.testing.assert_allclose(want[key], sweep[key], rtol=RTOL, atol=ATOL, err_msg=key)
+  kernel = next(v for k, v in want.items()
+                if k.startswith("model_state['ema']") and k.endswith("['Dense_0']['kernel']"))
+  assert not np.allclose(kernel, want["['Dense_0']['kernel']"])  # The average lags behind.
 
 
 def test_input_modes_agree_on_8_devices(data_parallel):
