@@ -132,13 +132,27 @@ def _plot_worst(fig, cell, worst: dict, num_errors: int,
             ha='center', va='center', fontsize=20)
     ax.set_axis_off()
     return
+  # One axes holds the 4 x 4 grid, the images tiled into one (white between them, room for
+  # each title above its image): an axes each took 16 times ~20 ms to build, most of the
+  # report's drawing time.
+  images = np.asarray(worst['image'][:shown])
+  height, width, channels = images.shape[1:]
+  ax = fig.add_subplot(grid[1:, :])
+  box = ax.get_position()  # The tiles fill the axes' shape, as the 16 axes filled it.
+  pitch_y = round(height * 1.35)
+  pitch_x = max(width, round(pitch_y * box.width * FIGSIZE[0] / (box.height * FIGSIZE[1])))
+  tiled = np.full((4 * pitch_y, 4 * pitch_x, channels), 255, np.uint8)
   for i in range(shown):
-    ax = fig.add_subplot(grid[1 + i // 4, i % 4])
-    image = np.asarray(worst['image'][i])
-    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=255)
-    ax.set_title(f"true {name(worst['label'][i])} / pred {name(worst['predicted'][i])} "
-                 f"({100 * float(worst['confidence'][i]):.0f}%)", fontsize=9)
-    ax.set_axis_off()
+    top = (i // 4) * pitch_y + pitch_y - height
+    left = (i % 4) * pitch_x + (pitch_x - width) // 2
+    tiled[top:top + height, left:left + width] = images[i]
+    ax.text(left + width / 2, top - 0.04 * height,
+            f"true {name(worst['label'][i])} / pred {name(worst['predicted'][i])} "
+            f"({100 * float(worst['confidence'][i]):.0f}%)", fontsize=9, ha='center',
+            va='bottom')
+  ax.imshow(tiled[..., 0] if channels == 1 else tiled, cmap='gray', vmin=0, vmax=255,
+            interpolation='nearest')
+  ax.set_axis_off()
 
 
 def _title(final: dict, config: dict, summary: dict | None = None) -> str:

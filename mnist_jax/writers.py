@@ -15,7 +15,6 @@ import jaxlib
 import numpy as np
 import optax
 from etils import epath
-import tensorboardX
 
 from mnist_jax.infra import storage
 
@@ -75,8 +74,8 @@ class MetricLogger:
       return
     self._jsonl = storage.open_append(workdir / 'metrics.jsonl')
     self._writer, self._replica_writers = None, []
-    if tensorboard:
-      storage.register_tensorboard_writers()  # gs:// event files through the same client.
+    if tensorboard:  # Imported here: a run without TensorBoard files does not pay for it.
+      tensorboardX = storage.tensorboardx()  # gs:// event files through the same client.
       self._writer = tensorboardX.SummaryWriter(os.fspath(workdir))
       self._replica_writers = [tensorboardX.SummaryWriter(os.fspath(workdir / 'replicas' / name))
                                for name in (replica_names or [])]
