@@ -260,7 +260,7 @@ def resolve(name: str, splits: dict[str, input_pipeline.Split]) -> str:
   return 'device' if nbytes <= RESIDENT_MAX_BYTES else 'tfdata'
 
 
-def choose(config) -> tuple[str, str]:
+def choose(config, cache_dir=None) -> tuple[str, str]:
   """The input mode before anything is decoded, and why if 'auto' picked it: 'stream' when a
   split would decode to more than config.input_memory_budget bytes; otherwise the mode stays
   'auto' until the decoded splits' size picks device or tfdata (`resolve`)."""
@@ -269,7 +269,7 @@ def choose(config) -> tuple[str, str]:
   budget = config.get('input_memory_budget', 0)
   sizes = stream.decoded_sizes(config.dataset, config.data_dir,
                                (config.train_split, config.eval_split),
-                               tuple(config.get('image_size', ())))
+                               tuple(config.get('image_size', ())), cache_dir)
   over = {spec: n for spec, n in sizes.items() if budget and n > budget}
   if not over:
     return 'auto', ''
@@ -280,7 +280,7 @@ def choose(config) -> tuple[str, str]:
 
 def load(config, cache_dir) -> tuple[str, str, input_pipeline.DatasetInfo, dict]:
   """(mode name, why auto picked it, dataset info, splits): the splits as the mode reads them."""
-  name, why = choose(config)
+  name, why = choose(config, cache_dir)
   info, splits = INPUT_MODES.get(name, Executor).load(config, cache_dir)
   return resolve(name, splits), why, info, splits
 

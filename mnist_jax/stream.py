@@ -127,14 +127,15 @@ def _readable(source, i: int) -> bool:
 # --- Opening a dataset ---------------------------------------------------------------------
 
 def decoded_sizes(dataset: str, data_dir: str, specs: tuple[str, ...],
-                  image_size: tuple[int, ...] = ()) -> dict[str, int]:
+                  image_size: tuple[int, ...] = (), cache_dir: epath.Path | None = None
+                  ) -> dict[str, int]:
   """The bytes each split would take decoded, from the dataset's metadata alone (nothing is
   read); {} where that is not known without decoding (own data, variable image sizes, a
   dataset not prepared yet)."""
   if dataset.split(':', 1)[0] in datasets.SOURCES:
     return {}
   try:
-    builder = tfds.builder(dataset, data_dir=input_pipeline.resolve_data_dir(data_dir))
+    builder = input_pipeline.metadata_builder(dataset, data_dir, cache_dir)
     shape = builder.info.features['image'].shape
     if image_size:
       shape = (*image_size, shape[-1])
