@@ -32,7 +32,7 @@ EXPECTED = {
     'plain_dict': ['plain_dict.py', 'ConfigDict', 'dict'],
     'missing_fields': ['missing_fields.py', 'batch_size', 'seed', 'configs/mlp.py'],
     'no_such_file': ['--config', 'no_such_file.py', 'does not exist'],
-    'unknown_field': ["'grad_accumulation'", 'has no field', 'learning_rate', 'batch_size'],
+    'unknown_field': ["'gradient_noise'", 'has no field', 'learning_rate', 'batch_size'],
     'unknown_model_field': ["'model.depthh'", 'has no field', 'hidden_sizes', 'activation'],
 }
 
@@ -53,7 +53,7 @@ def results(tmp_path_factory):
     (base / f'{name}.py').write_text(text)
     cases[name] = [f'--config={base / name}.py']
   cases['no_such_file'] = [f'--config={base}/no_such_file.py']
-  cases['unknown_field'] = [f'--config={MLP_CONFIG_PATH}', '--config.grad_accumulation=2']
+  cases['unknown_field'] = [f'--config={MLP_CONFIG_PATH}', '--config.gradient_noise=2']
   cases['unknown_model_field'] = [f'--config={MLP_CONFIG_PATH}', '--config.model.depthh=2']
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     futures = {name: pool.submit(_run, args, base / 'w' / name, env)

@@ -69,7 +69,7 @@ def test_the_nnx_cnn_is_built_by_name_with_the_linen_cnns_shapes():
   assert not steps.takes_mask(model)
   assert model.kwargs == dict(num_classes=10, features=(4, 8), hidden_sizes=(16,), kernel_size=3,
                               dropout_rate=0.0, activation='relu', kernel_init='glorot_uniform',
-                              bias_init='zeros')
+                              bias_init='zeros', dtype=np.dtype('float32'))
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)))
   assert jax.tree.map(jnp.shape, variables) == {'params': {
       'convs': {'0': {'kernel': (3, 3, 1, 4), 'bias': (4,)},
