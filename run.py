@@ -67,6 +67,10 @@ flags.DEFINE_integer('step', 0, 'For --mode=predict/export: the checkpoint step 
                      'newest valid one).')
 flags.DEFINE_string('replica', '', 'For --mode=predict/export in a workdir of several '
                     'replicas (seeds, a sweep): its name or index (default: the best).')
+flags.DEFINE_enum('weights', None, ['ema', 'raw'], 'For --mode=predict/export: the moving '
+                  'average of the weights (ema; the default for a run with '
+                  'config.ema_decay > 0) or the trained weights themselves (raw; the default, '
+                  'and the only ones, without).')
 flags.DEFINE_bool('distributed', False, 'Initialize JAX\'s multi-process runtime (auto-detected '
                   'on TPU pods, Slurm and Open MPI; else give the three flags below).')
 flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for --distributed.')
@@ -77,11 +81,24 @@ flags.mark_flags_as_required(['config'])
 MODES = {
     'train': train.train_and_evaluate,
     'evaluate': train.evaluate_checkpoint,
-    'predict': lambda config, workdir: inference.predict_files(
-        config, workdir, FLAGS.images, FLAGS.output, FLAGS.replica, FLAGS.step),
-    'export': lambda config, workdir: export.export(config, workdir, FLAGS.step, FLAGS.replica),
+    'predict': lambda config, workdir: _predict(config, workdir),
+    'export': lambda config, workdir: export.export(config, workdir, FLAGS.step, FLAGS.replica,
+                                                    FLAGS.weights or ''),
 }
 USES_A_TRAINED_WORKDIR = ('evaluate', 'predict', 'export')
+
+
+CLOSED_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process a closed pipe stopped.
+
+
+def _predict(config, workdir) -> None:
+  """--mode=predict; its stdout closed early (`| head`) ends it quietly, as `cat` ends."""
+  try:
+    inference.predict_files(config, workdir, FLAGS.images, FLAGS.output, FLAGS.replica,
+                            FLAGS.step, FLAGS.weights or '')
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Exit's flush: nowhere.)
+    _exit(CLOSED_PIPE)
 
 
 def default_workdir(config_path: str) -> str:

@@ -317,7 +317,7 @@ def read_for_model(path: str, image_shape: tuple[int, int, int]) -> list[np.ndar
   images of `image_shape` (H, W, C), converted as `conform_image` says. Raises UserError,
   naming the file, when it cannot be read or converted."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  if path.lower().endswith('.npy'):
+  if is_npy(path):
     try:
       array = np.load(path, allow_pickle=False)
     except Exception as e:  # pylint: disable=broad-except  (OS, value, pickle errors)
@@ -326,21 +326,39 @@ def read_for_model(path: str, image_shape: tuple[int, int, int]) -> list[np.ndar
     return [conform_image(image, image_shape, path) for image in _npy_images(array, path)]
   try:
     with Image.open(path) as image:
-      image = image.convert('L' if image.mode in _GRAY_MODES else 'RGB')
-      array = np.asarray(image, np.uint8)
+      array = _pixels(image)
   except Exception as e:  # pylint: disable=broad-except  (PIL: OSError, SyntaxError, ...)
     raise errors.UserError(f'cannot read {path} ({type(e).__name__}: '
                            f'{" ".join(str(e).split()) or "unreadable"}).') from None
   return [conform_image(array, image_shape, path)]
 
 
+def is_npy(path: str) -> bool:
+  return path.lower().endswith('.npy')
+
+
+def _pixels(image) -> np.ndarray:
+  """A PIL image's pixels: uint8 gray or RGB, or uint16 gray for a 16-bit one ('I;16', or 'I'
+  within 16 bits), which conform_image scales to 8 bits. An alpha channel is dropped."""
+  if image.mode.startswith('I'):
+    array = np.asarray(image)
+    if array.size and 0 <= array.min() and array.max() <= np.iinfo(np.uint16).max:
+      return array.astype(np.uint16)
+  return np.asarray(image.convert('L' if image.mode in _GRAY_MODES else 'RGB'), np.uint8)
+
+
 def _npy_images(array: np.ndarray, path: str) -> list[np.ndarray]:
-  """[H, W] and [H, W, C] are one image; [N, H, W] and [N, H, W, C] are N. A 3-D array is
-  [H, W, C] when its last axis is at most 4 long (then C must be 1 or 3), else [N, H, W]."""
+  """[H, W] and [H, W, C] are one image; [N, H, W] and [N, H, W, C] are N (N > 0). A 3-D
+  array is [H, W, C] when its last axis is at most 4 long (then C must be 1 or 3), else
+  [N, H, W]."""
   one = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] <= 4)
+  shape = f'{array.dtype}{list(array.shape)}'
   if not one and array.ndim not in (3, 4):
-    raise errors.UserError(f'cannot convert {path}: it holds {array.dtype}{list(array.shape)}; '
-                           'expected [H, W], [H, W, C] or a stack [N, H, W(, C)], C 1 or 3.')
+    raise errors.UserError(f'cannot convert {path}: it holds {shape}; expected [H, W], '
+                           '[H, W, C] or a stack [N, H, W(, C)], C 1 or 3.')
+  if not one and not len(array):
+    raise errors.UserError(f'cannot convert {path}: it holds {shape}, a stack of no images; '
+                           'give a file of at least one image.')
   return [array] if one else list(array)
 
 
@@ -348,7 +366,8 @@ def conform_image(image: np.ndarray, image_shape: tuple[int, int, int],
                   what: str = 'the image') -> np.ndarray:
   """Any image as the dataset's: uint8 [H, W, C] of `image_shape`.
 
-  * Values: uint8 as they are; floats in [0, 1] as round(x * 255) (as an .npz dataset's).
+  * Values: uint8 as they are; uint16 (a 16-bit PNG) scaled to 8 bits, round(x / 257), so
+    65535 is 255; floats in [0, 1] as round(x * 255) (as an .npz dataset's).
   * Channels: a colour image becomes gray by PIL's luma (L = 0.299 R + 0.587 G + 0.114 B)
     for a 1-channel dataset; a gray one is repeated into 3 channels for a colour dataset.
   * Size: resized to (H, W), bilinear (PIL), as `config.image_size` resizes an image folder.
@@ -370,9 +389,11 @@ def conform_image(image: np.ndarray, image_shape: tuple[int, int, int],
       raise errors.UserError(f'cannot convert {what}: its values are in [{low:g}, {high:g}]; '
                              'expected floats in [0, 1] or uint8 in [0, 255].')
     image = np.round(image * 255).astype(np.uint8)
+  elif image.dtype == np.uint16:
+    image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
   elif image.dtype != np.uint8:
     raise errors.UserError(f'cannot convert {what}: it holds {shape}; expected uint8 in '
-                           '[0, 255] or floats in [0, 1].')
+                           '[0, 255], uint16 or floats in [0, 1].')
   height, width, channels = image_shape
   if image.shape == tuple(image_shape):
     return image

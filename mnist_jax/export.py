@@ -6,8 +6,8 @@ Writes into `W/export/`:
                       with jax alone;
   * model.onnx        the same function in ONNX (converted by jax2onnx), for onnxruntime and
                       every other ONNX runtime, without JAX;
-  * model.json        what goes in and out, the class names, and the run and checkpoint the
-                      model came from.
+  * model.json        what goes in and out, the class names, and the run, checkpoint and
+                      weights ('ema': the moving average; 'raw') the model came from.
 Both take the dataset's own images, uint8 [batch, H, W, C], and return float32 class
 probabilities [batch, classes]: the preprocessing (x / 255) and the softmax are inside, and
 the model runs in evaluation mode (BatchNorm's stored statistics, no dropout). Both are
@@ -42,16 +42,17 @@ class ExportError(errors.UserError):
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, step: int = 0,
-           replica: str = '') -> dict:
+           replica: str = '', weights: str = '') -> dict:
   """`--mode=export`: the workdir's model into `<workdir>/export/`; returns model.json's dict.
-  `config` gives only this command's options (cache_dir); the model is the workdir's."""
-  model = inference.load(workdir, step=step or None, replica=replica or None,
+  `config` gives only this command's options (cache_dir); the model is the workdir's, with
+  `weights` as `inference.load` takes ('ema', 'raw'; '' its default)."""
+  model = inference.load(workdir, step=step or None, replica=replica or None, weights=weights,
                          cache_dir=config.cache_dir)
   out = storage.as_path(workdir) / 'export'
   start = time.perf_counter()
   description = write(model, out)
-  print(f'exported the checkpoint at step {model.step}'
-        + (f' (replica {model.replica})' if model.replica else '')
+  print(f'exported the checkpoint at step {model.step} ({model.weights} weights'
+        + (f', replica {model.replica})' if model.replica else ')')
         + f' to {out}: {JAX_EXPORT} ({description["files"][JAX_EXPORT]["bytes"]:,} bytes), '
         f'{ONNX} ({description["files"][ONNX]["bytes"]:,} bytes), {MODEL_JSON} '
         f'({time.perf_counter() - start:.1f}s)', flush=True)
@@ -128,6 +129,7 @@ def describe(model: inference.Model, blobs: dict[str, bytes]) -> dict:
                   meaning='class probabilities (softmax), in the order of class_names'),
       class_names=list(model.class_names),
       source=dict(workdir=str(model.workdir), step=model.step, replica=model.replica,
+                  weights=model.weights,
                   model=model.config.model.to_dict(), dataset=model.config.dataset,
                   test_accuracy=summary.get('test_accuracy') if model.replica is None
                   else None, versions=summary.get('versions')),

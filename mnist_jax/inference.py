@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 
 from mnist_jax import checkpoint
@@ -138,7 +139,6 @@ def load(workdir: str, *, step: int | None = None, replica: int | str | None = N
     process.enable_compilation_cache(directory)
   image_shape = tuple(dataset['image_shape'])
   class_names = tuple(dataset['class_names']) or tuple(map(str, range(dataset['num_classes'])))
-  model = models.build(config.model, dataset['num_classes'])
   decay = float(config.get('ema_decay', 0.0))
   weights = weights or ('ema' if decay else 'raw')
   if weights not in ('ema', 'raw') or (weights == 'ema' and not decay):
@@ -146,12 +146,13 @@ def load(workdir: str, *, step: int | None = None, replica: int | str | None = N
                     + ("'ema' or 'raw'." if decay else "'raw' (its run kept no EMA: "
                        'config.ema_decay=0).'))
   replica_list = sweeps.replicas(config)
-  variables = _abstract_variables(model, image_shape, len(replica_list))
+  model, variables = _model_of(config, dataset, workdir, len(replica_list))
   part = dict(params=variables.pop('params'), model_state=variables)
   if weights == 'ema':  # The average (and its count) instead: optax.ema's state.
     count = jax.ShapeDtypeStruct((len(replica_list),) if len(replica_list) > 1 else (),
                                  jnp.int32, sharding=_default_device())
     part = dict(ema=optax.EmaState(count=count, ema=part))
+  _check_shapes(workdir, part, step)
   restored, loaded_step = checkpoint.restore_part(workdir / 'checkpoints', part, step)
   if weights == 'ema':
     restored = steps.debiased(restored['ema'], decay)  # An EmaState, as the part asked.
@@ -205,6 +206,43 @@ def _read_config(workdir: epath.Path) -> tuple[ml_collections.ConfigDict, dict]:
                     'dataset\'s image shape): run the same training command again in this '
                     'workdir (it trains nothing more once finished) to rewrite it.')
   return ml_collections.ConfigDict(_tuples(written)), dataset
+
+
+def _model_of(config: ml_collections.ConfigDict, dataset: dict, workdir: epath.Path,
+              num_replicas: int) -> tuple[Any, dict]:
+  """The model config.json names, and its collections as abstract arrays; NotAModel when
+  this code cannot build it (a field it does not take, a model it does not have)."""
+  try:
+    models.check(config.model)
+    model = models.build(config.model, dataset['num_classes'])
+    return model, _abstract_variables(model, tuple(dataset['image_shape']), num_replicas)
+  except (errors.ConfigError, ImportError, TypeError, ValueError) as e:
+    why = errors.first_line(e).rstrip('.')
+    why = why if isinstance(e, errors.ConfigError) else f'{type(e).__name__}: {why}'
+    raise NotAModel(f'{workdir}/config.json does not match the model code here ({why}): '
+                    'predict and export with the code version that trained it, or train '
+                    'again.') from None
+
+
+def _check_shapes(workdir: epath.Path, part: dict, step: int | None) -> None:
+  """NotAModel when the checkpoint's arrays are not the shapes config.json's model has (a
+  config.json edited, or from another run): a mismatch, not an unreadable checkpoint."""
+  directory = workdir / 'checkpoints'
+  try:
+    saved = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    step = step if step is not None else max(saved)
+    metadata = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / checkpoint.STATE)
+  except Exception:  # pylint: disable=broad-except  (restoring says what is missing or bad)
+    return
+  saved_shapes = checkpoint._shapes(metadata)  # pylint: disable=protected-access
+  wanted_shapes = checkpoint._shapes({checkpoint.STATE: part})  # pylint: disable=protected-access
+  wrong = sorted(k for k, shape in wanted_shapes.items() if saved_shapes.get(k) != shape)
+  if wrong:
+    path = wrong[0].removeprefix(f'{checkpoint.STATE}/')
+    raise NotAModel(f'the checkpoint at step {step} in {directory} does not match '
+                    f'{workdir}/config.json ({path}: saved {saved_shapes.get(wrong[0], "none")}, '
+                    f'the config\'s model {wanted_shapes[wrong[0]]}): restore the config.json '
+                    'that trained it, or train again.')
 
 
 def _abstract_variables(model, image_shape: tuple[int, ...], num_replicas: int) -> dict:
@@ -274,61 +312,99 @@ class SomeImagesFailed(errors.UserError):
 
 
 def predict_files(config: ml_collections.ConfigDict, workdir: str, pattern: str,
-                  output: str = '', replica: str = '', step: int = 0) -> list[tuple]:
+                  output: str = '', replica: str = '', step: int = 0,
+                  weights: str = '') -> list[tuple]:
   """Predicts every file `pattern` matches (PNG, JPEG, .npy): prints `path,prediction,
-  probability` per image (an .npy stack's images as path[i]), or writes them as a CSV to
+  probability` per image (an .npy file's images as path[i]), or writes them as a CSV to
   `output`. A file that cannot be read or converted is named on stderr and the others are
   predicted; then SomeImagesFailed (exit status 3). `config` gives only this command's options
-  (eval_batch_size, cache_dir); the model is the workdir's."""
+  (eval_batch_size, cache_dir); the model is the workdir's, with `weights` as `load` takes."""
   paths = _matching(pattern)
-  model = load(workdir, step=step or None, replica=replica or None,
+  if output:
+    _check_writable(output)
+  model = load(workdir, step=step or None, replica=replica or None, weights=weights,
                batch_size=config.eval_batch_size, cache_dir=config.cache_dir)
   start = time.perf_counter()
-  rows, failed = [], []
-  show = sys.stderr.isatty() and len(paths) > model.batch_size
-  bar = tqdm.tqdm(total=len(paths), desc='predicting', unit=' images', leave=False,
-                  disable=not show, file=sys.stderr)
-  chunks = [paths[i:i + model.batch_size] for i in range(0, len(paths), model.batch_size)]
-  with bar, concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    for chunk in pool.map(lambda chunk: [_read(p, model.image_shape) for p in chunk], chunks):
-      names, images = [], []
-      for path, read in chunk:
-        if isinstance(read, errors.UserError):
-          failed.append(path)
-          bar.clear()
-          print(f'error: {read}', file=sys.stderr, flush=True)
-          continue
-        names += [path] if len(read) == 1 and not path.endswith('.npy') else [
-            f'{path}[{i}]' for i in range(len(read))]
-        images += read
-      if images:
-        probs = model.predict(np.stack(images))
-        best = probs.argmax(-1)
-        rows += [(name, model.class_names[b], f'{p[b]:.6f}')
-                 for name, b, p in zip(names, best, probs)]
-        if not output:
-          for row in rows[-len(names):]:
-            bar.clear()
-            print(_csv_line(row), end='')
-      bar.update(len(chunk))
-  sys.stdout.flush()
-  seconds = time.perf_counter() - start
+  rows, failed = _predict_paths(model, paths, print_rows=not output)
   if output:
-    text = _csv_line(('path', 'prediction', 'probability')) + ''.join(map(_csv_line, rows))
-    try:
-      storage.write_bytes_atomic(storage.as_path(output), text.encode())
-    except OSError as e:
-      raise errors.UserError(f'cannot write {output} ({type(e).__name__}: '
-                             f'{errors.first_line(e)}); the predictions were not saved.') from None
-    print(f'wrote {len(rows):,} predictions to {output} ({len(rows) / seconds:,.0f} images/s, '
-          f'reading included; checkpoint step {model.step}'
-          + (f', replica {model.replica}' if model.replica else '') + ')', flush=True)
+    _write_csv(output, rows, model, time.perf_counter() - start)
   if failed:
     raise SomeImagesFailed(
         f'{len(failed)} of {len(paths)} files could not be read or converted (named above); '
         f'the other {len(paths) - len(failed)} were predicted'
         + (f' and written to {output}.' if output else '.'))
   return rows
+
+
+def _predict_paths(model: Model, paths: list[str], print_rows: bool) -> tuple[list, list]:
+  """(rows, the paths that failed): files read by a thread pool ahead of the model, a batch at
+  a time; each row printed as its batch is predicted where `print_rows`."""
+  rows, failed = [], []
+  show = sys.stderr.isatty() and len(paths) > model.batch_size
+  bar = tqdm.tqdm(total=len(paths), desc='predicting', unit=' images', leave=False,
+                  disable=not show, file=sys.stderr)
+  chunks = [paths[i:i + model.batch_size] for i in range(0, len(paths), model.batch_size)]
+  pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
+  try:
+    with bar:
+      for chunk in pool.map(lambda chunk: [_read(p, model.image_shape) for p in chunk], chunks):
+        names, images = _readable(chunk, failed, bar)
+        if images:
+          probs = model.predict(np.stack(images))
+          best = probs.argmax(-1)
+          rows += [(name, model.class_names[b], f'{p[b]:.6f}')
+                   for name, b, p in zip(names, best, probs)]
+          if print_rows:  # (Row by row: one huge write to a closed pipe fails silently.)
+            bar.clear()
+            for row in rows[-len(names):]:
+              print(_csv_line(row), end='')
+        bar.update(len(chunk))
+    sys.stdout.flush()
+  finally:  # Stopped early (a closed stdout, Ctrl-C): the files not yet read are not read.
+    pool.shutdown(cancel_futures=True)
+  return rows, failed
+
+
+def _readable(chunk: list[tuple], failed: list[str], bar) -> tuple[list[str], list]:
+  """The names and images of a chunk's files that were read; each other one is named on
+  stderr and added to `failed`."""
+  names, images = [], []
+  for path, read in chunk:
+    if isinstance(read, errors.UserError):
+      failed.append(path)
+      bar.clear()
+      print(f'error: {read}', file=sys.stderr, flush=True)
+      continue
+    names += [f'{path}[{i}]' for i in range(len(read))] if datasets.is_npy(path) else [path]
+    images += read
+  return names, images
+
+
+def _write_csv(output: str, rows: list[tuple], model: Model, seconds: float) -> None:
+  text = _csv_line(('path', 'prediction', 'probability')) + ''.join(map(_csv_line, rows))
+  try:
+    storage.write_bytes_atomic(storage.as_path(output), text.encode())
+  except OSError as e:
+    raise errors.UserError(f'cannot write {output} ({type(e).__name__}: '
+                           f'{errors.first_line(e)}); the predictions were not saved.') from None
+  print(f'wrote {len(rows):,} predictions to {output} ({len(rows) / seconds:,.0f} images/s, '
+        f'reading included; checkpoint step {model.step}, {model.weights} weights'
+        + (f', replica {model.replica}' if model.replica else '') + ')', flush=True)
+
+
+def _check_writable(output: str) -> None:
+  """Before anything is predicted: a CSV that could not be written is one line now."""
+  path = storage.as_path(output)
+  if storage.is_remote(path):
+    storage.check_access(path.parent)
+    return
+  folder = path.parent
+  why = ('it is a folder' if path.is_dir() else
+         f'{folder} does not exist' if not folder.is_dir() else
+         f'{folder} is not writable' if not os.access(folder, os.W_OK | os.X_OK) else '')
+  if why:
+    raise errors.UserError(f'--output={output} cannot be written: {why}. Give a CSV path in a '
+                           'folder that exists and is writable; nothing was predicted.')
 
 
 def _csv_line(row) -> str:

@@ -54,7 +54,7 @@ def _mode(mode, name, workdir, env, python, *flags):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['mlp', 'cnn', 'cnn_bn'])
+@pytest.mark.parametrize('name', ['mlp', 'cnn', 'cnn_bn', 'cnn_nnx'])
 def test_exported_artifacts_give_predicts_probabilities(tmp_path, name, subprocess_env,
                                                         python):
   workdir, summary, arrays = trained(tmp_path, name)
@@ -149,16 +149,20 @@ def test_predict_and_export_failures_are_one_line(tmp_path, subprocess_env, pyth
   (images / 'corrupt.png').write_bytes(b'\x89PNG not really')
   np.save(images / 'wrong.npy', np.zeros((28, 28, 2), np.uint8))
   np.save(images / 'stack.npy', arrays['test_images'][:2])
+  np.save(images / 'empty.npy', arrays['test_images'][:0])
 
   out = _mode('predict', 'mlp', workdir, subprocess_env, python, f'--images={images}/*')
   assert out.returncode == 3, out.stderr
   assert 'Traceback' not in out.stderr
   errors = out.stderr.strip().splitlines()
-  assert len(errors) == 3, out.stderr
+  assert len(errors) == 4, out.stderr
   assert errors[0].startswith(f'error: cannot read {images}/corrupt.png (')
-  assert errors[1].startswith(f'error: cannot convert {images}/wrong.npy: it holds '
+  assert errors[1] == (f'error: cannot convert {images}/empty.npy: it holds '
+                       'uint8[0, 28, 28, 1], a stack of no images; give a file of at least one '
+                       'image.')
+  assert errors[2].startswith(f'error: cannot convert {images}/wrong.npy: it holds '
                               'uint8[28, 28, 2]')
-  assert errors[2] == ('error: 2 of 6 files could not be read or converted (named above); '
+  assert errors[3] == ('error: 3 of 7 files could not be read or converted (named above); '
                        'the other 4 were predicted.')
   paths = [row[0] for row in csv.reader(out.stdout.splitlines())]
   assert paths == [*(str(p) for p in sorted(images.glob('*.png')) if 'corrupt' not in p.name),
@@ -185,12 +189,44 @@ def test_predict_and_export_failures_are_one_line(tmp_path, subprocess_env, pyth
            f'no checkpoint in {untrained}/checkpoints: train first')
   one_line(_run(['run.py', '--config=configs/mlp.py', '--mode=predict', f'--images={images}'],
                 subprocess_env, python), 2, '--mode=predict needs --workdir')
+  for mode in ('predict', 'export'):  # Its run kept no moving average.
+    one_line(_mode(mode, 'mlp', workdir, subprocess_env, python, '--weights=ema',
+                   f'--images={images}/*.png'), 1,
+             "weights='ema' is invalid for")
+  one_line(_mode('predict', 'mlp', workdir, subprocess_env, python, f'--images={images}/*.png',
+                 f'--output={tmp_path}/missing/out.csv'), 1,
+           f'--output={tmp_path}/missing/out.csv cannot be written: {tmp_path}/missing does '
+           'not exist')
+  edited = tmp_path / 'edited'
+  edited.mkdir()
+  written = json.loads((workdir / 'config.json').read_text())
+  written['model']['depth'] = 3  # A field this code's model does not take.
+  (edited / 'config.json').write_text(json.dumps(written))
+  one_line(_mode('export', 'mlp', edited, subprocess_env, python), 1,
+           f'{edited}/config.json does not match the model code here')
   before = sorted(p.name for p in workdir.iterdir())
   (workdir / 'export').write_text('a file where the export folder goes')
   one_line(_mode('export', 'mlp', workdir, subprocess_env, python), 1,
            f'cannot write the export into {workdir}/export (')
   assert sorted(p.name for p in workdir.iterdir()) == sorted([*before, 'export'])
   assert (workdir / 'export').read_text() == 'a file where the export folder goes'
+
+
+@pytest.mark.slow
+def test_predict_into_a_closed_pipe_ends_quietly(tmp_path, subprocess_env, python):
+  """`... --mode=predict | head -1`: no BrokenPipeError traceback, exit status 141 (128 +
+  SIGPIPE) as a shell reports for `cat` stopped so."""
+  workdir, _, arrays = trained(tmp_path, 'mlp')
+  np.save(tmp_path / 'many.npy', np.repeat(arrays['test_images'], 250, axis=0))  # 5,250 lines.
+  process = subprocess.Popen(
+      [python, 'run.py', '--config=configs/mlp.py', '--mode=predict', f'--workdir={workdir}',
+       '--config.cache_dir=none', f'--images={tmp_path}/many.npy'], cwd=REPO_ROOT,
+      env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = process.stdout.readline()
+  process.stdout.close()
+  stderr = process.stderr.read()
+  assert process.wait(timeout=300) == 141, stderr
+  assert first.startswith(f'{tmp_path}/many.npy[0],') and stderr == ''
 
 
 @pytest.mark.slow

@@ -5,13 +5,17 @@ processes, and the exported artifacts without mnist_jax.
 """
 
 import json
+import shutil
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from predict_utils import CLASSES
 from predict_utils import trained
 from mnist_jax import datasets
+from mnist_jax import export
 from mnist_jax import inference
 from mnist_jax import writers
 from mnist_jax.infra import errors
@@ -102,6 +106,29 @@ def test_a_workdir_without_a_model_is_one_clear_error(tmp_path):
     inference.load(str(workdir), cache_dir='none')
 
 
+def _edit_model_config(source, target, **fields):
+  """A copy of the workdir `source` whose config.json's model has `fields` changed."""
+  shutil.copytree(source, target)
+  written = json.loads((target / 'config.json').read_text())
+  written['model'].update(fields)
+  (target / 'config.json').write_text(json.dumps(written))
+  return target
+
+
+def test_a_config_json_that_does_not_match_the_model_is_one_clear_error(tmp_path, capsys):
+  workdir, _, _ = trained(tmp_path, 'mlp')  # hidden_sizes (8,)
+  unknown = _edit_model_config(workdir, tmp_path / 'unknown', depth=3)
+  with pytest.raises(inference.NotAModel, match=r'unknown/config.json does not match the model '
+                     r"code here \(config.model.depth is invalid: .* no argument 'depth'"):
+    inference.load(str(unknown), cache_dir='none')
+  wider = _edit_model_config(workdir, tmp_path / 'wider', hidden_sizes=[16])
+  with pytest.raises(inference.NotAModel, match=r'the checkpoint at step 18 in .*wider/checkpoints '
+                     r'does not match .*wider/config.json \(params/Dense_0/bias: saved \(8,\), '
+                     r"the config's model \(16,\)\)"):
+    inference.load(str(wider), cache_dir='none')
+  assert 'unreadable' not in capsys.readouterr().err  # Not each checkpoint tried and failed.
+
+
 # --- Conversion of any image to the dataset's format ------------------------------------------
 
 def test_conform_image_converts_values_channels_and_size():
@@ -132,6 +159,25 @@ def test_conform_image_refuses_what_it_cannot_convert(image, words):
     datasets.conform_image(image, (28, 28, 1), 'x.npy')
 
 
+def test_sixteen_bit_images_are_scaled_to_eight_bits_and_alpha_is_dropped(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  wide = np.array([[0, 128, 129, 257, 32896, 65535]], np.uint16)  # round(x / 257)
+  np.testing.assert_array_equal(datasets.conform_image(wide, (1, 6, 1))[..., 0],
+                                [[0, 0, 1, 1, 128, 255]])
+  gray = np.random.default_rng(0).integers(0, 256, (28, 28)).astype(np.uint8)
+  Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / 'gray16.png')
+  assert Image.open(tmp_path / 'gray16.png').mode == 'I;16'
+  read = datasets.read_for_model(str(tmp_path / 'gray16.png'), (28, 28, 1))
+  np.testing.assert_array_equal(read[0][..., 0], gray)  # Not clipped at 255.
+  rgba = np.random.default_rng(1).integers(0, 256, (28, 28, 4)).astype(np.uint8)
+  Image.fromarray(rgba).save(tmp_path / 'rgba.png')
+  Image.fromarray(rgba[..., :3]).save(tmp_path / 'rgb.png')
+  read = [datasets.read_for_model(str(tmp_path / f'{name}.png'), (28, 28, 3))[0]
+          for name in ('rgba', 'rgb')]
+  np.testing.assert_array_equal(read[0], read[1])  # Alpha dropped, not composited.
+  np.testing.assert_array_equal(read[0], rgba[..., :3])
+
+
 def test_read_for_model_reads_png_jpeg_and_npy_stacks(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rgb = np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(np.uint8)
@@ -149,6 +195,47 @@ def test_read_for_model_reads_png_jpeg_and_npy_stacks(tmp_path):
   (tmp_path / 'bad.png').write_bytes(b'not an image')
   with pytest.raises(errors.UserError, match=r'cannot read .*bad.png \(UnidentifiedImageError'):
     datasets.read_for_model(str(tmp_path / 'bad.png'), (28, 28, 1))
+  np.save(tmp_path / 'empty.npy', np.zeros((0, 28, 28), np.uint8))
+  with pytest.raises(errors.UserError, match=r'cannot convert .*empty.npy: it holds '
+                     r'uint8\[0, 28, 28\], a stack of no images'):
+    datasets.read_for_model(str(tmp_path / 'empty.npy'), (28, 28, 1))
+
+
+PREDICT_OPTIONS = ml_collections.ConfigDict(dict(eval_batch_size=8, cache_dir='none'))
+
+
+def _printed(capsys) -> tuple[list[list[str]], list[str]]:
+  out, err = capsys.readouterr()
+  return [line.split(',') for line in out.splitlines()], err.splitlines()
+
+
+def test_predict_files_names_npy_images_whatever_the_case_and_refuses_empty_stacks(
+    tmp_path, capsys):
+  workdir, _, arrays = trained(tmp_path, 'mlp')
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  np.save(folder / 'one.npy', arrays['test_images'][0])
+  (folder / 'one.npy').rename(folder / 'ONE.NPY')
+  np.save(folder / 'empty.npy', arrays['test_images'][:0])
+  capsys.readouterr()  # (Training's lines.)
+  with pytest.raises(inference.SomeImagesFailed, match='1 of 2 files .* the other 1 were'):
+    inference.predict_files(PREDICT_OPTIONS, str(workdir), f'{folder}/*')
+  rows, err = _printed(capsys)
+  assert [row[0] for row in rows] == [f'{folder}/ONE.NPY[0]']  # As one.npy's: path[0].
+  assert err[0] == (f'error: cannot convert {folder}/empty.npy: it holds uint8[0, 28, 28, 1], '
+                    'a stack of no images; give a file of at least one image.')
+
+
+@pytest.mark.parametrize('where, why', [('missing/out.csv', 'missing does not exist'),
+                                        ('.', 'it is a folder')])
+def test_an_output_that_cannot_be_written_fails_before_anything_is_predicted(
+    tmp_path, capsys, where, why):
+  np.save(tmp_path / 'x.npy', np.zeros((2, 28, 28), np.uint8))
+  output = tmp_path / where  # The workdir does not exist: the output is checked first.
+  with pytest.raises(errors.UserError, match=rf'--output={output} cannot be written: .*{why}'):
+    inference.predict_files(PREDICT_OPTIONS, str(tmp_path / 'nowhere'), f'{tmp_path}/x.npy',
+                            output=str(output))
+  assert capsys.readouterr().out == ''
 
 
 
@@ -167,6 +254,29 @@ def test_an_ema_run_predicts_with_its_average_by_default(tmp_path):
   with pytest.raises(inference.NotAModel, match="weights='ema' is invalid .*config.ema_decay=0"):
     (tmp_path / 'b').mkdir()
     inference.load(str(trained(tmp_path / 'b', 'mlp')[0]), weights='ema', cache_dir='none')
+
+
+def test_predict_files_and_export_take_the_weights(tmp_path, capsys):
+  workdir, _, arrays = trained(tmp_path, 'mlp', ema_decay=0.9)
+  np.save(tmp_path / 'images.npy', arrays['test_images'])
+  models = {w: inference.load(str(workdir), weights=w, cache_dir='none') for w in ('ema', 'raw')}
+  probs = {w: m.predict(arrays['test_images']) for w, m in models.items()}
+  assert np.abs(probs['ema'] - probs['raw']).max() > 1e-3  # The two are told apart.
+  capsys.readouterr()  # (Training's lines.)
+  for weights, expected in (('', 'ema'), ('raw', 'raw')):
+    inference.predict_files(PREDICT_OPTIONS, str(workdir), f'{tmp_path}/images.npy',
+                            weights=weights)
+    rows, _ = _printed(capsys)
+    np.testing.assert_allclose([float(row[2]) for row in rows], probs[expected].max(-1),
+                               atol=2e-6)
+  description = export.export(PREDICT_OPTIONS, str(workdir), weights='raw')
+  assert description['source']['weights'] == 'raw'
+  written = json.loads((workdir / 'export' / export.MODEL_JSON).read_text())
+  assert written['source']['weights'] == 'raw'
+  exported = jax.export.deserialize(bytearray((workdir / 'export' / export.JAX_EXPORT)
+                                              .read_bytes()))
+  np.testing.assert_allclose(exported.call(arrays['test_images']), probs['raw'], atol=1e-5)
+  assert export.describe(models['ema'], {})['source']['weights'] == 'ema'  # The default.
 
 
 def test_a_relative_workdir_loads(tmp_path, monkeypatch):
