@@ -84,8 +84,10 @@ _PRELOAD = ['tensorflow', 'tensorflow_datasets', 'jax', 'optax', 'flax.linen', '
 CNN_BN = dict(config='cnn_bn', model__features='(4,)', warmup_steps=3)
 # The CNN in Flax NNX (models/cnn_nnx.py), with dropout: the NNX adapter's state through a kill.
 NNX = dict(config='cnn_nnx', model__features='(4,)', model__dropout_rate=0.3)
-# The knobs: an EMA (in the fingerprint) and gradient accumulation, on the BatchNorm CNN.
-KNOBS = dict(config='cnn_bn', model__features='(4,)', ema_decay=0.9, grad_accum_steps=2)
+# The knobs: an EMA (in the fingerprint), gradient accumulation and float16 (its loss scale
+# in the fingerprint too), on the BatchNorm CNN.
+KNOBS = dict(config='cnn_bn', model__features='(4,)', ema_decay=0.9, grad_accum_steps=2,
+             compute_dtype='float16')
 # A sweep: two learning rates x two seeds, four replicas in one program.
 SWEEP = dict(sweep__learning_rate='(1e-3,3e-3)', num_seeds=2)
 
