@@ -213,8 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         end_epoch(loop.step // spe - 1, examples=0, epoch_seconds=0.0, save=False)
 
       saves_warning = _SavesWarning(config.checkpoint_every_steps, spe)
-      if config.write_report and is_writer:
-        _import_report_while_training()
+      import_report = config.write_report and is_writer  # Once the first steps are running.
 
       # --- The epochs, with their hooks: checkpoints, preemption, progress, profile ------
       with profiler_lib.Profiler(workdir, config.profile and is_writer) as profiler:
@@ -228,6 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             loop.state, sums, per_step = executor.train_call(
                 loop.state, *inputs, guard_empty_steps=executor.guard_empty_steps(chunk))
             loop.epoch_sums = metrics.add_sums(loop.epoch_sums, sums)
+            if import_report:
+              _import_report_while_training()
+              import_report = False
             profiler.after_call(loop.state)
             previous, loop.step = loop.step, loop.step + executor.real_steps(chunk)
             unchecked.append((per_step, previous, loop.step))
@@ -455,8 +457,9 @@ def _result_words(run: Setup, summary: dict) -> str:
 
 def _import_report_while_training() -> None:
   """Imports the report's matplotlib (~0.4 s) in a thread, while the main thread waits for the
-  steps; the report's own import then finds it done (or waits for the rest). A failure here is
-  left to that import to raise, after summary.json is written."""
+  steps (started after the first call is traced and dispatched: the import holds the GIL most
+  of its time). The report's own import then finds it done (or waits for the rest). A failure
+  here is left to that import to raise, after summary.json is written."""
   def run():
     try:
       from mnist_jax import report  # pylint: disable=g-import-not-at-top,unused-import
