@@ -101,10 +101,26 @@ def build(model_config, num_classes: int, dtype: str = 'float32'):
   or an NNX module class wrapped to look like one (`create`). A Model that takes `dtype` gets
   `dtype` (config.compute_dtype) as a jnp dtype."""
   fields = dict(model_config)
-  cls = module_class(fields.pop('name'))
+  name = fields.pop('name')
+  cls = module_class(name)
   if 'dtype' in _nnx.constructor_parameters(cls):
     fields['dtype'] = jnp.dtype(dtype)
+  else:
+    warn_unless_typed(cls, name, dtype)
   return create(cls, num_classes, **fields)
+
+
+def warn_unless_typed(cls: type, name: str, dtype: str) -> bool:
+  """True, after one warning line, when `dtype` is not float32 and the Model takes none: it
+  still trains, in float32. False when the Model takes a `dtype` (or float32 is asked)."""
+  if 'dtype' in _nnx.constructor_parameters(cls):
+    return False
+  if jnp.dtype(dtype) != jnp.float32:
+    print(f'warning: config.compute_dtype={dtype!r}, but the model {name!r} takes no `dtype` '
+          'argument: it computes in float32. Give its Model a `dtype` field and pass it to its '
+          'layers (docs/knobs.md).', flush=True)
+    return True
+  return False
 
 
 def create(cls: type, num_classes: int, **fields):

@@ -10,6 +10,7 @@ import ml_collections
 
 from mnist_jax import models
 from mnist_jax import steps
+from mnist_jax.models import mlp
 
 
 def _state(name='mlp', ema_decay=0.0, **fields):
@@ -195,3 +196,30 @@ def test_float32_is_the_same_program_as_before():
 def test_config_model_dtype_is_refused_with_the_field_to_use():
   with pytest.raises(errors.ConfigError, match='compute_dtype'):
     models.check(ml_collections.ConfigDict(dict(name='mlp', dtype='bfloat16')))
+
+
+def test_a_model_without_a_dtype_trains_in_float32_and_says_so_once(monkeypatch, capsys):
+  """compute_dtype='bfloat16' for a Model that takes no `dtype`: built as it is, with one
+  warning line that names the model and what to add; none for float32 or a model with one."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Untyped(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+  model = models.create(Untyped, 10)
+  monkeypatch.setattr(models, 'module_class', lambda name: Untyped)
+  built = models.build(ml_collections.ConfigDict(dict(name='untyped')), 10, 'float32')
+  assert built.num_classes == 10 and capsys.readouterr().out == ''  # float32: nothing said.
+  assert models.warn_unless_typed(Untyped, 'untyped', 'bfloat16') is True
+  assert models.warn_unless_typed(Untyped, 'untyped', 'float32') is False
+  assert models.warn_unless_typed(mlp.Model, 'mlp', 'bfloat16') is False
+  err = capsys.readouterr().out.strip().splitlines()
+  assert err == ["warning: config.compute_dtype='bfloat16', but the model 'untyped' takes no "
+                 '`dtype` argument: it computes in float32. Give its Model a `dtype` field and '
+                 'pass it to its layers (docs/knobs.md).']
+  assert model.apply(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4))),
+                     jnp.ones((2, 4))).dtype == jnp.float32
