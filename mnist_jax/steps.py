@@ -245,10 +245,6 @@ def eval_step(state: TrainState, batch: Batch, task: Task = DEFAULT_TASK) -> Sum
                              batch['mask'])
 
 
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], task: Task,
                 unroll: int, guard_empty_steps: bool):
   """Runs train_step over the leading axis of `xs`; a step with no real example is a no-op.
@@ -276,7 +272,7 @@ def _scan_train(state: TrainState, xs: Any, get_batch: Callable[[Any], Batch], t
 
   totals = metrics.zero_sums(task.value_names)
   (state, totals), loss_K = jax.lax.scan(body, (state, totals), xs, unroll=unroll)
-  finite = _all_finite((state.params, state.model_state))
+  finite = mixed_precision.all_finite((state.params, state.model_state))
   return state, totals, dict(loss=loss_K, params_finite=finite)
 
 
