@@ -67,6 +67,17 @@ SWEEP_OVERRIDES = overrides('device', **{'sweep.learning_rate': [1e-3, 3e-3]})
 KNOBS_OVERRIDES = dict(SWEEP_OVERRIDES, ema_decay=0.9, grad_accum_steps=2)
 
 
+def own_npz(path) -> dict:
+  """Your own data (config.dataset='npz:...'): 50 random 28x28 digits a split, and the
+  overrides that train on it as the mock-data runs train."""
+  rng = np.random.default_rng(0)
+  arrays = {f'{split}_{what}': (rng.integers(0, 256, (NUM_EXAMPLES, 28, 28), dtype=np.uint8)
+                                if what == 'images' else rng.integers(0, 10, NUM_EXAMPLES))
+            for split in ('train', 'test') for what in ('images', 'labels')}
+  np.savez(path, **arrays)
+  return overrides('device', dataset=f'npz:{path}')
+
+
 def as_flags(fields: dict) -> list[str]:
   """The same overrides as run.py flags."""
   def value(v):
@@ -113,6 +124,7 @@ def launched(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp('parallel')
   workdirs, logs = root / 'workdirs', root / 'logs'
+  own = own_npz(root / 'own.npz')
   jobs8 = [
       # run.py itself, with a batch 8 devices cannot split: refused before anything runs.
       dict(name='batch12', argv=['--config=configs/mlp.py', f'--workdir={workdirs}/batch12',
@@ -123,6 +135,7 @@ def launched(tmp_path_factory):
       dict(name='bn', config='cnn_bn', workdir=str(workdirs / 'bn8'), overrides=BN_OVERRIDES),
       dict(name='sweep', workdir=str(workdirs / 'sweep8'), overrides=SWEEP_OVERRIDES),
       dict(name='knobs', workdir=str(workdirs / 'knobs8'), overrides=KNOBS_OVERRIDES),
+      dict(name='own', workdir=str(workdirs / 'own8'), overrides=own),
       # The evaluation batch is split over the devices as well (last: today it fails late).
       dict(name='eval_batch12', workdir=str(workdirs / 'eval_batch12'),
            overrides=overrides('device', eval_batch_size=12, num_epochs=1)),
@@ -133,6 +146,7 @@ def launched(tmp_path_factory):
                     overrides=BN_OVERRIDES))
   jobs1.append(dict(name='sweep', workdir=str(workdirs / 'sweep1'), overrides=SWEEP_OVERRIDES))
   jobs1.append(dict(name='knobs', workdir=str(workdirs / 'knobs1'), overrides=KNOBS_OVERRIDES))
+  jobs1.append(dict(name='own', workdir=str(workdirs / 'own1'), overrides=own))
   state = dict(root=root, workdirs=workdirs, out8=root / 'out8', out1=root / 'out1')
   children = []
   try:
@@ -253,6 +267,16 @@ def test_8_devices_train_a_sweep_with_ema_and_accumulation_as_1_device(data_para
   kernel = next(v for k, v in want.items()
                 if k.startswith("model_state['ema']") and k.endswith("['Dense_0']['kernel']"))
   assert not np.allclose(kernel, want["['Dense_0']['kernel']"])  # The average lags behind.
+
+
+def test_8_devices_train_your_own_data_as_1_device(data_parallel):
+  eight, one = (result(data_parallel[out], 'own') for out in ('out8', 'out1'))
+  assert eight['exit_code'] == one['exit_code'] == 0, (eight['error'], one['error'])
+  assert_same_training(eight, one)
+  assert_same_params(params(data_parallel['out8'], 'own'), params(data_parallel['out1'], 'own'))
+  # Not the mock data's run: other examples, other parameters.
+  mock = params(data_parallel['out1'], 'device')["['Dense_0']['kernel']"]
+  assert not np.allclose(params(data_parallel['out1'], 'own')["['Dense_0']['kernel']"], mock)
 
 
 def test_input_modes_agree_on_8_devices(data_parallel):

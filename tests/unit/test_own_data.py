@@ -7,6 +7,7 @@ The folders and files are built here at run time: tiny (8x8 images), so each run
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -213,6 +214,35 @@ def test_npz_trains_end_to_end(tmp_path):
   assert summary['test_accuracy'] >= 0.85
   md = (workdir / 'report.md').read_text()
   assert '| owl | 3 |' in md and 'no examples of' not in md
+
+
+@pytest.mark.parametrize('kind', ['image_folder', 'npz'])
+def test_own_data_resumes_mid_epoch_to_the_uninterrupted_fingerprint(tmp_path, capsys, kind):
+  """As after a kill -9 just past a mid-epoch checkpoint: the newer checkpoints go, and the
+  rerun ends with the uninterrupted run's fingerprint (augmentation and dropout-free MLP; the
+  plan is rebuilt from the step alone, whatever the data's source)."""
+  if kind == 'npz':
+    make_npz(tmp_path / 'data.npz')
+    dataset = f'npz:{tmp_path / "data.npz"}'
+  else:
+    make_folder(tmp_path / 'pets')
+    dataset = f'image_folder:{tmp_path / "pets"}'
+  config = small_config(dataset, num_epochs=2, checkpoint_every_steps=3, checkpoint_keep=10,
+                        augment='shift(1)', write_report=False)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  workdir = tmp_path / 'interrupted'
+  assert train.train_and_evaluate(config, str(workdir))['param_fingerprint'] == (
+      straight['param_fingerprint'])
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert 3 in saved and saved[-1] == 10, saved  # 5 steps an epoch: step 3 is mid-epoch 1.
+  for step in saved:
+    if step > 3:
+      shutil.rmtree(workdir / 'checkpoints' / str(step))
+  capsys.readouterr()
+  resumed = train.train_and_evaluate(config, str(workdir))
+  assert 'resumed from the checkpoint at step 3' in capsys.readouterr().out
+  assert resumed['param_fingerprint'] == straight['param_fingerprint']
+  assert resumed['steps'] == 10
 
 
 def test_npz_floats_become_uint8_by_rounding(tmp_path):
