@@ -104,10 +104,11 @@ def get_config() -> ml_collections.ConfigDict:
   # optax.ema(debias=True) does, e.g. 0.999; 0: off. Every epoch evaluates both the raw and
   # the averaged weights; --mode=evaluate, predict and export use the average.
   config.ema_decay = 0.0
-  # What the model computes in: 'float32', 'bfloat16' (GPU/TPU; slower than float32 on XLA:CPU,
-  # which has no fast bfloat16 matmul: README, Mixed precision) or 'float16' (GPU, with dynamic
-  # loss scaling). Parameters, optimizer state, BatchNorm's statistics, logits, loss and
-  # metrics stay float32; a model honours it by taking a `dtype` argument.
+  # What the model computes in: 'float32', 'bfloat16' (GPU/TPU; on XLA:CPU, which has no fast
+  # bfloat16 matmul, slower: 1.35x float32's MLP epoch, 1.19x the CNN's, docs/knobs.md) or
+  # 'float16' (GPU, with dynamic loss scaling). Parameters, optimizer state, BatchNorm's
+  # statistics, logits, loss and metrics stay float32; a model honours it by taking a `dtype`
+  # argument.
   config.compute_dtype = 'float32'
   # Train steps run per jitted call (a lax.scan over them); 0 means a whole epoch per call.
   config.steps_per_call = 0
