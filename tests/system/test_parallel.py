@@ -168,7 +168,8 @@ def launched(tmp_path_factory):
               f"--config.cache_dir={root / 'cache_multi'}", '--config.download=False']
       jobs = [dict(name='device', argv=argv),
               dict(name='tfdata', workdir=str(pair['workdirs']['tfdata']),
-                   overrides=overrides('tfdata'))]
+                   overrides=overrides('tfdata')),
+              dict(name='own', workdir=str(root / 'multi_own'), overrides=own)]
       child = parallel_utils.start(
           f'process{process_id}', dict(out=str(pair['out']), num_examples=NUM_EXAMPLES, jobs=jobs),
           parallel_utils.child_env(MULTI_PROCESS_DEVICES, root / 'cache_multi'), logs)
@@ -328,6 +329,17 @@ def two_processes(request, finished_pair, data_parallel):
   mode = request.param
   return dict(finished_pair, mode=mode, workdir=finished_pair['workdirs'][mode],
               report=mode == 'device', single=data_parallel['out1'])
+
+
+def test_two_processes_train_your_own_data_as_one(finished_pair, data_parallel):
+  single = result(data_parallel['out1'], 'own')
+  for process_index in range(2):
+    run = result(finished_pair['out'], 'own', process_index)
+    assert run['exit_code'] == 0, run['error']
+    assert run['process_count'] == 2
+    assert_same_training(run, single)
+    assert_same_params(params(finished_pair['out'], 'own', process_index),
+                       params(data_parallel['out1'], 'own'))
 
 
 def test_two_processes_joined_one_runtime(two_processes):
