@@ -56,6 +56,10 @@ def shift(rng: jax.Array, images_BxHxWxC: jax.Array, pixels: int = 2) -> jax.Arr
   """
   _require(isinstance(pixels, int) and pixels >= 0, 'shift(pixels): an integer >= 0')
   b, h, w, c = images_BxHxWxC.shape
+  # Half the frame or more, and a shift can move the whole image out: a blank example.
+  _require(2 * pixels < min(h, w) or min(h, w) >= ANY_IMAGE_SHAPE[0],
+           f'shift(pixels): at most {(min(h, w) - 1) // 2} for {h}x{w} images (below half '
+           'the frame: a larger shift leaves blank images)')
   offsets_Bx2 = jax.random.randint(rng, (b, 2), 0, 2 * pixels + 1)
   padded = jnp.pad(images_BxHxWxC, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)))
   crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
@@ -175,6 +179,11 @@ def build(spec: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 def _call(fn: Op, args: tuple, kwargs: dict, rng: jax.Array, images: jax.Array) -> jax.Array:
   return fn(rng, images, *args, **kwargs)
+
+
+# The shape `check` assumes where the images' size is not known yet: large enough for every
+# size-dependent argument check to pass (they run again with the real shape).
+ANY_IMAGE_SHAPE = (4096, 4096, 1)
 
 
 def check(spec: str, image_shape: tuple[int, ...] = (28, 28, 1)) -> None:

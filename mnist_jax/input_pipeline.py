@@ -8,6 +8,7 @@ step alone.
 """
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ import math
 import os
 import pathlib
 import socket
+import sys
 import types
 import concurrent.futures
 import functools
@@ -321,8 +323,16 @@ def _cached(path: epath.Path | None, expected_NxHxWxC: tuple, decode, what: str)
     data = io.BytesIO()
     np.savez(data, image=decoded.image, label=decoded.label)
     # Atomic (locally or in a bucket): a concurrent or killed run never sees half a file.
-    storage.write_bytes_atomic(path, data.getvalue())
-    logging.info('Cached decoded %s in %s', what, path)
+    try:
+      storage.write_bytes_atomic(path, data.getvalue())
+      logging.info('Cached decoded %s in %s', what, path)
+    except OSError as e:  # A full disk: the run goes on, decoding again next time.
+      if e.errno != errno.ENOSPC:
+        raise
+      print(f'warning: no space left on device caching the decoded {what} in {path} '
+            f'({data.getbuffer().nbytes / 1e6:.0f} MB; nothing half-written is left); the run '
+            'goes on without the cache. Free some space, or give --config.cache_dir=none.',
+            file=sys.stderr, flush=True)
   return decoded
 
 

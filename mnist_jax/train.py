@@ -101,10 +101,12 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config, loads the data and builds the initial (replicated) state."""
   validation.validate(config)
   cache_dir = process.resolve_cache_dir(config.cache_dir)
+  validation.check_cache_dir(config, cache_dir)  # Before anything is decoded into it.
   if cache_dir:
     process.enable_compilation_cache(cache_dir)
   # Decoded whole (device, tfdata) or opened for streaming (stream), as the mode reads them.
   mode_name, why, info, splits = executor_lib.load(config, cache_dir)
+  validation.check_augment(config, info.image_shape)  # Now that the images' size is known.
   model = models.build(config.model, info.num_classes, config.get('compute_dtype', 'float32'))
   task = steps.Task.from_config(config, model)
   replicas = sweeps.Replicas.from_config(config)

@@ -1,7 +1,10 @@
 """Config validation: every bad value is refused before any data is loaded or compiled."""
 
+import errno
 import inspect
 import math
+import os
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +17,7 @@ from mnist_jax import augment
 from mnist_jax import datasets
 from mnist_jax import executor
 from mnist_jax.infra import errors
+from mnist_jax.infra import storage
 from mnist_jax import losses
 from mnist_jax import metrics
 from mnist_jax import mixed_precision
@@ -68,6 +72,43 @@ def _dataset(name: Any) -> bool:
   return not (colon and kind in datasets.SOURCES) or bool(location)
 
 
+def _is_bool(x: Any) -> bool:
+  return isinstance(x, bool)
+
+
+def _positive_ints(sizes: Any) -> bool:
+  """A tuple (or list) of integers > 0: layer widths; () for none."""
+  return isinstance(sizes, (tuple, list)) and all(_is_positive_int(x) for x in sizes)
+
+
+def _split_name(split: Any) -> bool:
+  return isinstance(split, str) and bool(split.strip())
+
+
+# Linux's limits: PATH_MAX bytes in all, NAME_MAX bytes a component.
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+
+
+def path_problem(path: str) -> str | None:
+  """Why `path` cannot name a file here (a NUL or line break, a length beyond Linux's limits),
+  or None."""
+  if '\0' in path:
+    return 'it holds a NUL character'
+  if '\n' in path or '\r' in path:
+    return 'it holds a line break'
+  if len(path.encode()) > MAX_PATH_BYTES:
+    return f'it is {len(path.encode())} bytes long, more than the {MAX_PATH_BYTES} a path may be'
+  longest = max(path.split('/'), key=lambda part: len(part.encode()))
+  if len(longest.encode()) > MAX_NAME_BYTES:
+    return (f'its part {longest[:20]}... is {len(longest.encode())} bytes long, more than the '
+            f'{MAX_NAME_BYTES} a file name may be')
+  return None
+
+
+def _path_string(path: Any) -> bool:
+  return isinstance(path, str) and path_problem(path) is None
+
+
 def _metric_names(names: Any) -> bool:
   return (isinstance(names, (tuple, list)) and len(set(names)) == len(names)
           and all(isinstance(n, str) and n in metrics.METRICS for n in names))
@@ -115,7 +156,23 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('ema_decay', _is_fraction, 'a number in [0, 1) (0: off), e.g. 0.999'),
     ('compute_dtype', lambda x: x in mixed_precision.DTYPES,
      f"one of {', '.join(mixed_precision.DTYPES)}"),
+    ('train_split', _split_name, "a split name, sliced as TFDS slices, e.g. 'train[:90%]'"),
+    ('eval_split', _split_name, "a split name, sliced as TFDS slices, e.g. 'test'"),
+    ('data_dir', _path_string,
+     "a path (no NUL or line break, at most 4096 bytes, 255 a part), or '' for the default"),
+    ('cache_dir', _path_string,
+     "a path (no NUL or line break, at most 4096 bytes, 255 a part), '' or 'none'"),
+    ('model.hidden_sizes', _positive_ints, 'a tuple of widths, integers > 0, e.g. (512,)'),
+    ('model.features', _positive_ints, 'a tuple of channel counts, integers > 0, e.g. (32, 64)'),
+    ('model.kernel_size', _is_positive_int, 'an integer > 0'),
+    ('model.dropout_rate', _is_fraction, 'a number in [0, 1) (0: no dropout)'),
+    ('model.batch_norm_momentum', _is_fraction, 'a number in [0, 1), e.g. 0.9'),
+    *((field, _is_bool, 'True or False') for field in (
+        'download', 'checkpoint_async', 'write_tensorboard', 'write_report', 'profile')),
 ]
+
+# JAX's seeds are 32-bit (jax.random.PRNGKey(2**32) is PRNGKey(0)): every replica's must fit.
+MAX_SEED = 2**32 - 1
 
 # What config.backend_overrides.<backend> may set: how the steps run, never what they compute.
 BACKENDS = ('cpu', 'gpu', 'tpu')
@@ -148,18 +205,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for path, ok, allowed in _RULES:
     value = _lookup(config, path)
     if value is not _MISSING and not ok(value):
-      raise errors.ConfigError(f'config.{path}={value!r} is invalid: expected {allowed}.')
+      shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:60] + '...'
+      raise errors.ConfigError(f'config.{path}={shown} is invalid: expected {allowed}.')
+  last_seed = config.seed + config.num_seeds - 1
+  if last_seed > MAX_SEED:
+    raise errors.ConfigError(
+        f'config.seed={config.seed} is invalid with num_seeds={config.num_seeds}: the replicas\' '
+        f'seeds run to {last_seed}, and JAX\'s seeds are 32-bit (2**32 would train as seed 0); '
+        f'expected seed + num_seeds - 1 <= {MAX_SEED}.')
   _check_optimizer_kwargs(config)
   _check_kwargs(losses.get(config.loss), dict(config.loss_kwargs), 'loss_kwargs',
                 f'losses.{config.loss}', skip=2)
   _check_sweep(config)
   _check_backend_overrides(config)
-  try:
-    augment.check(config.augment)
-  except ValueError as e:
-    raise errors.ConfigError(
-        f'config.augment={config.augment!r} is invalid: {e}; expected ops of '
-        "mnist_jax/augment.py separated by '|', e.g. 'shift(2)|rotate(10)'.") from None
+  # The images' size is known here only if image_size sets it; else `check_augment` runs
+  # again once the dataset's shape is known (before anything is compiled).
+  size = tuple(config.image_size)
+  check_augment(config, (*size, 1) if size else augment.ANY_IMAGE_SHAPE)
   if config.model.name not in models.available():
     raise errors.ConfigError(f'config.model.name={config.model.name!r} is invalid: expected '
                              f"one of {', '.join(models.available())}.")
@@ -176,6 +238,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(
           f'config.{field}={config[field]} is invalid: expected a multiple of the '
           f'device count ({jax.device_count()}).')
+
+
+def check_cache_dir(config: ml_collections.ConfigDict, cache_dir) -> None:
+  """The cache folder (resolved: config.cache_dir, $MNIST_JAX_CACHE or ~/.cache/mnist_jax) can
+  be written, checked before anything is decoded; temporary files a killed writer left in it
+  are removed. None (caches off) and a bucket (checked when written) pass."""
+  if cache_dir is None or storage.is_remote(cache_dir):
+    return
+  folder = pathlib.Path(cache_dir)
+  where = f'the cache folder {folder} (config.cache_dir={config.cache_dir!r})'
+  fix = ("; give another --config.cache_dir (or 'none' for no caches), or set "
+         '$MNIST_JAX_CACHE.')
+  problem = path_problem(str(folder))
+  if problem:
+    raise errors.ConfigError(f'{where} cannot be used: {problem}{fix}')
+  try:
+    if folder.exists() and not folder.is_dir():
+      raise errors.ConfigError(f'{where} is a file, not a folder{fix}')
+    data = folder / 'data'
+    data.mkdir(parents=True, exist_ok=True)
+    probe = data / f'.write_test.{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    why = (f'no permission to write there ({os.strerror(e.errno)})'
+           if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+           else 'a part of it is a file' if e.errno == errno.ENOTDIR
+           else f'{type(e).__name__}: {e.strerror or e}')
+    raise errors.ConfigError(f'{where} cannot be written: {why}{fix}') from None
+  for name in storage.remove_orphaned_tmp(data):
+    print(f'note: removed {data / name}, the unfinished file of a cache writer that was '
+          'stopped.', flush=True)
+
+
+def check_augment(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> None:
+  """config.augment's ops take their arguments and leave an image of `image_shape` (HxWxC)."""
+  try:
+    augment.check(config.augment, tuple(image_shape))
+  except ValueError as e:
+    raise errors.ConfigError(
+        f'config.augment={config.augment!r} is invalid: {e}; expected ops of '
+        "mnist_jax/augment.py separated by '|', e.g. 'shift(2)|rotate(10)'.") from None
 
 
 def _check_optimizer_kwargs(config: ml_collections.ConfigDict) -> None:

@@ -125,9 +125,50 @@ def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
   if is_remote(path):
     path.write_bytes(data)  # One upload: the object changes whole, or not at all.
     return
-  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
+  tmp = path.with_name(f'.{path.name}{TMP_INFIX}{os.getpid()}')
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+  except BaseException:  # A full disk, a signal: no half-written temporary file stays.
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+# What `write_bytes_atomic` names its temporary files: `.<name>.tmp<pid>`.
+TMP_INFIX = '.tmp'
+# A temporary file untouched this long whose writer's pid is not running here is an orphan.
+ORPHAN_SECONDS = 60
+
+
+def remove_orphaned_tmp(folder) -> list[str]:
+  """Removes the temporary files of `write_bytes_atomic` that a killed writer left in a local
+  `folder` (its pid no longer runs, and the file has not changed for ORPHAN_SECONDS: a writer
+  on another host of a shared file system keeps its file changing); returns their names."""
+  if is_remote(folder) or not os.path.isdir(folder):
+    return []
+  removed = []
+  for entry in os.scandir(folder):
+    match = re.fullmatch(r'\..+' + re.escape(TMP_INFIX) + r'(\d+)', entry.name)
+    if not match or not entry.is_file(follow_symlinks=False):
+      continue
+    try:
+      if time.time() - entry.stat().st_mtime < ORPHAN_SECONDS or _pid_runs(int(match[1])):
+        continue
+      os.unlink(entry.path)
+      removed.append(entry.name)
+    except OSError:
+      pass  # Gone already, or not ours to remove: it does no harm.
+  return removed
+
+
+def _pid_runs(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # Another user's process: it runs.
+    return True
+  return True
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:

@@ -44,10 +44,13 @@ def prepare(workdir: epath.Path) -> None:
     storage.check_access(workdir)
     return
   workdir = pathlib.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise WorkdirError(f'--workdir={workdir} is a file, not a folder; choose another '
-                       '--workdir (the file was left as it is).')
+  if '\0' in str(workdir) or '\n' in str(workdir):
+    raise WorkdirError(f'--workdir={str(workdir)!r} cannot be used: it holds a NUL character or '
+                       'a line break; choose another --workdir.')
   try:
+    if workdir.exists() and not workdir.is_dir():
+      raise WorkdirError(f'--workdir={workdir} is a file, not a folder; choose another '
+                         '--workdir (the file was left as it is).')
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f'.write_test.{socket.gethostname()}.{os.getpid()}'
     probe.write_text('')
@@ -61,6 +64,9 @@ def _reason(e: OSError, workdir: pathlib.Path) -> str:
   if e.errno == errno.ENOTDIR:
     parent = next((p for p in workdir.parents if p.exists() and not p.is_dir()), None)
     return f'{parent} is a file, not a folder' if parent else 'a part of it is a file'
+  if e.errno == errno.ENAMETOOLONG:
+    return (f'the path ({len(str(workdir).encode())} bytes) or one of its parts (at most 255 '
+            'bytes each) is too long')
   if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
     return f'no permission to write there ({os.strerror(e.errno)})'
   return f'{type(e).__name__}: {e.strerror or e}'
