@@ -136,6 +136,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   state = jax.jit(init, out_shardings=executor.replicated,
                   compiler_options=dict(xla_backend_optimization_level=1))(rng, hparams)
   num_params = writers.count_params(state.params) // len(replicas)
+  if jax.process_index() == 0:
+    models.warn_if_padding_in_statistics(config.model.name, task.model_takes_mask,
+                                         state.model_state, len(executor.train),
+                                         config.batch_size)
   record = checkpoint.run_record(config, len(executor.train), executor.steps_per_epoch,
                                  info.identity)
   return Setup(info, mode_name, executor, task, state, num_params, cache_dir, record, replicas)

@@ -123,6 +123,22 @@ def warn_unless_typed(cls: type, name: str, dtype: str) -> bool:
   return False
 
 
+def warn_if_padding_in_statistics(name: str, takes_mask: bool, model_state: dict,
+                                  num_examples: int, batch_size: int) -> bool:
+  """True, after one warning line, when a model keeps batch statistics (BatchNorm's
+  'batch_stats') but takes no `mask`, and the epoch's last batch is padded: its padding
+  (copies of example 0) then enters the statistics. False otherwise."""
+  padding = -num_examples % batch_size
+  if takes_mask or not model_state.get('batch_stats') or not padding:
+    return False
+  print(f'warning: the model {name!r} keeps BatchNorm statistics but its __call__ takes no '
+        f'`mask`: the {padding} padding examples of every epoch\'s last batch ({num_examples} '
+        f'examples in batches of {batch_size}) enter them. Give __call__ a `mask` argument and '
+        'pass it on, nn.BatchNorm(...)(x, mask=mask[:, None]) (as models/cnn_bn.py does), or '
+        'choose a batch_size that divides the training examples.', flush=True)
+  return True
+
+
 def create(cls: type, num_classes: int, **fields):
   """A Linen `Model` built with these arguments, or an NNX one wrapped (models/_nnx.py), with
   the same `init` and `apply`; it is built by `init`, once the image shape is known."""

@@ -9,11 +9,16 @@ import sys
 import time
 
 from etils import epath
+import flax.linen as nn
+import jax
 import numpy as np
+import optax
 import pytest
 
 from conftest import tiny_config
 from mnist_jax import input_pipeline
+from mnist_jax import models
+from mnist_jax import steps
 from mnist_jax import validation
 from mnist_jax.infra import errors
 from mnist_jax.infra import storage
@@ -162,3 +167,46 @@ def test_a_full_disk_while_caching_warns_once_and_the_run_goes_on(tmp_path, monk
   [line] = capsys.readouterr().err.splitlines()
   assert line.startswith('warning: no space left on device caching the decoded mock/train in ')
   assert 'the run goes on without the cache' in line
+
+
+# --- BatchNorm without a mask (issue 28, item 13) ---------------------------------------------
+
+class _BatchNormWithoutMask(nn.Module):
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.BatchNorm(use_running_average=not train)(x.reshape((x.shape[0], -1)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class _BatchNormWithMask(_BatchNormWithoutMask):
+
+  def __call__(self, x, train: bool = False, mask=None):
+    return super().__call__(x, train)
+
+
+def _model_state(model):
+  state = steps.create_train_state(jax.random.PRNGKey(0), model, optax.sgd(0.1), (4, 4, 1))
+  return state.model_state
+
+
+def test_a_batchnorm_model_without_a_mask_is_warned_once_naming_it_and_the_fix(capsys):
+  model = _BatchNormWithoutMask()
+  assert models.warn_if_padding_in_statistics('bn_nomask', steps.takes_mask(model),
+                                              _model_state(model), 60_000, 128)
+  [line] = capsys.readouterr().out.splitlines()
+  assert line.startswith("warning: the model 'bn_nomask' keeps BatchNorm statistics but its "
+                         '__call__ takes no `mask`: the 32 padding examples')
+  assert 'mask=mask[:, None]' in line and 'batch_size that divides' in line
+
+
+@pytest.mark.parametrize('model, examples', [
+    (_BatchNormWithMask(), 60_000),  # Takes the mask: padding stays out.
+    (_BatchNormWithoutMask(), 60_032),  # No padding: 469 whole batches.
+    (nn.Dense(10), 60_000),  # No statistics.
+])
+def test_no_warning_where_padding_stays_out_of_the_statistics(capsys, model, examples):
+  assert not models.warn_if_padding_in_statistics(
+      'm', steps.takes_mask(model), _model_state(model), examples, 128)
+  assert capsys.readouterr().out == ''
