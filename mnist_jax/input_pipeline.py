@@ -105,6 +105,8 @@ def load(dataset: str, data_dir: str, splits: tuple[str, ...], *, download: bool
   read = functools.cache(read)  # Each split once, however many specs slice it.
   # Every spec and every split checked before anything is decoded (and cached).
   instructions = {spec: _instruction(spec, split_names, dataset) for spec in splits}
+  if source is None:  # A prepared TFDS dataset knows its splits' sizes: an empty slice is
+    _refuse_empty_slices(instructions, builder, dataset)  # refused before any decoding.
   for name in dict.fromkeys(n for _, names in instructions.values() for n in names):
     if source is not None:
       source.check(name)
@@ -176,8 +178,14 @@ def _read_spec(spec: str, instruction, names: list[str], split_names: tuple[str,
                                   for piece, part in zip(pieces, parts)])
                   for field in ('image', 'label')))
   if not len(split):
-    raise errors.ConfigError(f'split {spec!r} of {dataset} holds no examples.')
+    raise _empty(spec, dataset)
   return split
+
+
+def _empty(spec: str, dataset: str) -> errors.ConfigError:
+  return errors.ConfigError(
+      f'split {spec!r} of {dataset} holds no examples; give config.train_split and '
+      "config.eval_split slices that hold some, e.g. 'test[:1000]' or 'train[90%:]'.")
 
 
 def _conform(loaded: dict[str, Split], image_size: tuple[int, ...],
@@ -210,15 +218,47 @@ def _note_missing_classes(info: DatasetInfo, loaded: dict[str, Split]) -> None:
             f'{info.num_classes} classes: {names}.', flush=True)
 
 
+def _refuse_empty_slices(instructions: dict, builder, dataset: str) -> None:
+  try:
+    counts = {name: _count(int(info.num_examples)) for name, info in builder.info.splits.items()}
+  except Exception:  # pylint: disable=broad-except  (not prepared, mocked: checked after reading)
+    return
+  for spec, (instruction, names) in instructions.items():
+    if not all(name in counts and counts[name].num_examples for name in names):
+      continue  # Sizes not known: `_read_spec` checks once read.
+    try:
+      parts = instruction.to_absolute(counts)
+    except (ValueError, TypeError):
+      continue  # `_read_spec` says why, in its words.
+    if not sum(len(range(counts[part.splitname].num_examples)[part.from_:part.to])
+               for part in parts):
+      raise _empty(spec, dataset)
+
+
 def _builder(dataset: str, data_dir: str | None):
   try:
     return tfds.builder(dataset, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise errors.ConfigError(
-        f'config.dataset: unknown TFDS dataset {dataset!r}; use a name from '
-        '`tfds.list_builders()`, e.g. mnist, fashion_mnist, kmnist, emnist/mnist, one prepared '
-        f'in the data dir ({data_dir or "TFDS default"}), or your own data: '
-        f"{', '.join(f'{kind}:PATH' for kind in datasets.SOURCES)}.") from None
+  except Exception as e:  # pylint: disable=broad-except  (TFDS's JSON parser's error, too)
+    if 'Failed to load JSON' not in str(e) and 'dataset_info' not in str(e):
+      if isinstance(e, tfds.core.registered.DatasetNotFoundError):
+        raise _unknown_dataset(dataset, data_dir) from None
+      raise
+    damaged = sorted(pathlib.Path(data_dir or tfds.core.constants.DATA_DIR).glob(
+        f'{dataset}/*/dataset_info.json'))
+    where = damaged[-1] if damaged else f'{dataset}/<version>/dataset_info.json'
+    why = ' '.join(str(e).split('Failed to load JSON:')[-1].split()).rstrip('.')
+    raise errors.UserError(
+        f'the metadata of dataset {dataset!r}, {where}, is damaged (not JSON: {why[:200]}); restore the '
+        f'file, or remove the folder {pathlib.Path(where).parent} and run again with '
+        '--config.download=True to prepare the dataset again.') from None
+
+
+def _unknown_dataset(dataset: str, data_dir: str | None) -> errors.ConfigError:
+  return errors.ConfigError(
+      f'config.dataset: unknown TFDS dataset {dataset!r}; use a name from '
+      '`tfds.list_builders()`, e.g. mnist, fashion_mnist, kmnist, emnist/mnist, one prepared '
+      f'in the data dir ({data_dir or "TFDS default"}), or your own data: '
+      f"{', '.join(f'{kind}:PATH' for kind in datasets.SOURCES)}.")
 
 
 def _builder_as_before(dataset: str, data_dir: str | None, cache_dir: epath.Path | None):
@@ -377,10 +417,34 @@ def _decode(builder, split: str, download: bool) -> Split:
     _prepare(builder, download)
     ds = load()
   images, labels = [], []
-  for batch in tfds.as_numpy(ds.batch(10_000)):
-    images.append(batch['image'])
-    labels.append(batch['label'])
+  try:
+    for batch in tfds.as_numpy(ds.batch(10_000)):
+      images.append(batch['image'])
+      labels.append(batch['label'])
+  except tensorflow().errors.OpError as e:  # DataLossError: a truncated or damaged file.
+    raise _damaged_records(builder, split, e) from None
   return Split(np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32))
+
+
+def _damaged_records(builder, split: str, e: Exception) -> errors.UserError:
+  """One line naming the record file of `split` that cannot be read (each is read alone to
+  find it), and what to do."""
+  tf = tensorflow()
+  files = sorted(str(p) for p in epath.Path(builder.data_dir).glob(f'*-{split}.*'))
+  bad = None
+  for file in files:
+    try:
+      for _ in tf.data.TFRecordDataset(file):
+        pass
+    except tf.errors.OpError:
+      bad = file
+      break
+  why = ' '.join(str(getattr(e, 'message', e)).split())
+  why = why.split('}}')[-1].split(' [Op:')[0].strip(' :')[:200]
+  return errors.UserError(
+      f'the record file {bad or builder.data_dir} of {builder.name} split {split!r} is damaged '
+      f'({type(e).__name__}: {why}); restore it, or remove the folder {builder.data_dir} and run '
+      'again with --config.download=True to prepare the dataset again.')
 
 
 def _decode_array_record(builder, split: str, block: int = 10_000) -> Split:

@@ -210,3 +210,55 @@ def test_no_warning_where_padding_stays_out_of_the_statistics(capsys, model, exa
   assert not models.warn_if_padding_in_statistics(
       'm', steps.takes_mask(model), _model_state(model), examples, 128)
   assert capsys.readouterr().out == ''
+
+
+# --- Data (issue 28, item 4) -------------------------------------------------------------------
+
+def _mnist_copy(tmp_path, real_data_dir):
+  import shutil  # pylint: disable=g-import-not-at-top
+  [version] = (real_data_dir / 'mnist').iterdir()
+  copy = tmp_path / 'data' / 'mnist' / version.name
+  shutil.copytree(version, copy)
+  for path in copy.iterdir():
+    path.chmod(0o644)
+  return tmp_path / 'data', copy
+
+
+def _load(data_dir, *splits):
+  return input_pipeline.load('mnist', str(data_dir), splits, download=False, cache_dir=None)
+
+
+@pytest.mark.real_data
+def test_a_split_that_does_not_exist_or_an_empty_slice_is_refused_before_decoding(
+    real_data_dir, monkeypatch):
+  monkeypatch.setattr(input_pipeline, '_decode', lambda *a: pytest.fail('decoded first'))
+  with pytest.raises(errors.ConfigError, match=r"split 'validation' of mnist is invalid .*its "
+                     r'splits: train, test'):
+    _load(real_data_dir, 'train', 'validation')
+  with pytest.raises(errors.ConfigError, match=r"split 'test\[:0\]' of mnist holds no examples; "
+                     r'give config.train_split and config.eval_split slices that hold some'):
+    _load(real_data_dir, 'train', 'test[:0]')
+
+
+@pytest.mark.real_data
+def test_a_truncated_record_file_is_one_line_naming_it(tmp_path, real_data_dir):
+  data_dir, folder = _mnist_copy(tmp_path, real_data_dir)
+  [test_file] = folder.glob('mnist-test.tfrecord*')
+  test_file.write_bytes(test_file.read_bytes()[:1_000_000])
+  with pytest.raises(errors.UserError, match=rf"^the record file {re.escape(str(test_file))} of "
+                     r"mnist split 'test' is damaged \(DataLossError: truncated record") as e:
+    _load(data_dir, 'test')
+  assert '\n' not in str(e.value) and 'download=True' in str(e.value)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def test_a_damaged_dataset_info_json_is_one_line_naming_it(tmp_path, damage):
+  """(No real data needed: TFDS reads the metadata first.)"""
+  info = tmp_path / 'mnist' / '3.0.1' / 'dataset_info.json'
+  info.parent.mkdir(parents=True)
+  info.write_text('{"name": "mnist", "description": "unfinish' if damage == 'truncated'
+                  else 'garbage{{')
+  with pytest.raises(errors.UserError, match=rf"^the metadata of dataset 'mnist', "
+                     rf'{re.escape(str(info))}, is damaged \(not JSON: ') as e:
+    input_pipeline._builder('mnist', str(tmp_path))  # pylint: disable=protected-access
+  assert '\n' not in str(e.value) and not isinstance(e.value, errors.ConfigError)
