@@ -226,6 +226,50 @@ def text_table(config_path: str, width: int = 100) -> str:
   return '\n'.join(lines) + '\n'
 
 
+_SECTION_TITLE = re.compile(r'^\s*#\s*---\s*(.*?)\s*-*\s*$')
+
+
+def sections(config_path: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+  """`table_rows` grouped by the file's section rules (`# --- Data ---`), in the file's order;
+  a field assigned before any rule, or not visibly, is in the section ''."""
+  source = pathlib.Path(config_path).read_text()
+  titles = {number: match[1] for number, line in enumerate(source.splitlines(), 1)
+            if (match := _SECTION_TITLE.match(line))}
+  assigned = _source_fields(source)
+
+  def section(name: str) -> str:
+    parts = name.split('.')
+    found = next((assigned[p] for p in ('.'.join(parts[:end]) for end in range(len(parts), 0, -1))
+                  if p in assigned), None)
+    above = [number for number in titles if found and number < found.line]
+    return titles[max(above)] if above else ''
+
+  grouped: dict[str, list[tuple[str, str, str]]] = {}
+  for row in table_rows(config_path):
+    grouped.setdefault(section(row[0]), []).append(row)
+  return list(grouped.items())
+
+
+def sectioned_text(config_path: str, width: int = 100) -> str:
+  """`text_table`'s columns under one heading a section ('Data:', 'Model:', ...)."""
+  rows = table_rows(config_path)
+  name_width = max(len(name) for name, _, _ in rows)
+  default_width = max(len(default) for _, default, _ in rows)
+  return '\n'.join(f'{title or "Other"}:\n' + _aligned(group, name_width, default_width, width)
+                   for title, group in sections(config_path))
+
+
+def _aligned(rows, name_width: int, default_width: int, width: int) -> str:
+  indent = ' ' * (name_width + default_width + 6)
+  lines = []
+  for name, default, meaning in rows:
+    head = f'  {name:<{name_width}}  {default:<{default_width}}  '
+    wrapped = textwrap.wrap(meaning, max(width - len(indent), 20)) or ['']
+    lines.append((head + wrapped[0]).rstrip())
+    lines += [indent + more for more in wrapped[1:]]
+  return '\n'.join(lines) + '\n'
+
+
 def main(argv: list[str]) -> int:
   args = [arg for arg in argv if arg != '--text']
   if len(args) != 1:

@@ -159,3 +159,14 @@ def test_cli_usage(capsys):
   assert 'usage' in capsys.readouterr().err
   assert config_doc.main([MLP_CONFIG_PATH, '--text']) == 0
   assert capsys.readouterr().out == config_doc.text_table(MLP_CONFIG_PATH)
+
+
+def test_sections_group_the_rows_under_the_files_rules(example_path):
+  grouped = dict(config_doc.sections(example_path))
+  assert list(grouped) == ['Data', 'Model', '']  # '' holds what the file does not visibly set.
+  assert [name for name, _, _ in grouped['Data']] == ['dataset', 'data_dir', 'undocumented']
+  assert [name for name, _, _ in grouped['Model']][:3] == [
+      'model.hidden_sizes', 'learning_rate', 'optimizer_kwargs.decay']
+  text = config_doc.sectioned_text(example_path)
+  assert text.startswith('Data:\n  dataset ') and '\nModel:\n  model.hidden_sizes ' in text
+  assert '\nOther:\n  looped_a ' in text
