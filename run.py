@@ -1,6 +1,7 @@
 r"""Trains and evaluates a model: `python run.py --config=configs/mlp.py [--workdir=DIR]`.
 
 Any config field can be overridden: `--config.learning_rate=3e-4 --config.num_epochs=10`.
+A run prints only its own lines; `-v 0` (absl's --verbosity) lets the libraries' logs through.
 """
 
 import datetime
@@ -21,7 +22,9 @@ def _terminated_while_starting(signum, frame):
 if __name__ == '__main__':  # From the first import on, a SIGTERM is one line (then main()'s).
   signal.signal(signal.SIGTERM, _terminated_while_starting)
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data: no C++ chatter.
+from mnist_jax.infra import process  # pylint: disable=g-import-not-at-top
+
+process.quiet_logs(sys.argv)  # Before TensorFlow's import: the run prints only its own lines.
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -33,21 +36,28 @@ from mnist_jax.infra import config_files
 from mnist_jax.infra import distributed
 from mnist_jax.infra import errors
 from mnist_jax.infra import preemption
+from mnist_jax.infra import storage
 from mnist_jax import config_doc
 from mnist_jax import export
 from mnist_jax import inference
 from mnist_jax import sweeps
 from mnist_jax import train
-from mnist_jax.infra import process
 
 process.use_cpu_xla_flags()  # Before JAX's backend starts: XLA reads XLA_FLAGS once.
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'mlp.py'
-# `--help` prints this docstring: every config field, with its default and meaning, generated
-# from the config file so it cannot drift.
-__doc__ += (f'\nConfig fields ({DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)}; '
-            'override as --config.<field>=<value>):\n\n'
-            + config_doc.text_table(str(DEFAULT_CONFIG)) + '\n')
+HELP_FLAGS = ('-h', '--help', '-?', '--helpshort')
+
+
+def print_help() -> None:
+  """`--help`: this docstring, run.py's flags, then every config field by section, with its
+  default and meaning, generated from the config file so it cannot drift."""
+  print(__doc__.strip() + '\n\nflags:\n\n' + FLAGS.main_module_help().strip() + '\n\n'
+        f'Config fields ({DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)}; '
+        'override as --config.<field>=<value>):\n\n'
+        + config_doc.sectioned_text(str(DEFAULT_CONFIG))
+        + '\nTry --helpfull to get a list of all flags (absl\'s and the libraries\' too).')
+
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
@@ -106,6 +116,24 @@ def default_workdir(config_path: str) -> str:
   return str(pathlib.Path('workdirs') / f'{pathlib.Path(config_path).stem}-{stamp}')
 
 
+def first_line(config_path: str, workdir: str) -> str:
+  """'configs/mlp.py on 1x cpu, workdir: workdirs/mlp-20261204-175000': what runs where."""
+  processes = f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''
+  return (f'{config_path} on {jax.device_count()}x {jax.devices()[0].device_kind}{processes}, '
+          f'workdir: {workdir}')
+
+
+def last_line(workdir: str) -> str:
+  """'next: open W/report.png and W/summary.json; tensorboard --logdir W': what to open next,
+  of what the run wrote."""
+  path = storage.as_path(workdir)
+  files = [str(path / name) for name in ('report.png', 'summary.json') if (path / name).exists()]
+  line = f"next: open {' and '.join(files)}"
+  if any(path.glob('events.out.tfevents.*')):
+    line += f'; tensorboard --logdir {workdir}'
+  return line
+
+
 # Fields a sweep cannot vary, and why: they change the program, not a value in it.
 NOT_SWEEPABLE = {
     'ema_decay': 'whether there is an average changes the state every replica carries',
@@ -117,6 +145,9 @@ NOT_SWEEPABLE = {
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, but a bad flag, config file or config key is one line on stderr and exit
   status 2."""
+  if any(arg in HELP_FLAGS for arg in argv[1:]):
+    print_help()
+    sys.exit(1)  # As absl's --help.
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  (the config file's code: any error)
@@ -170,11 +201,14 @@ def main(argv):
     print(f'error: --mode={FLAGS.mode} needs --workdir: the folder of a trained run.',
           file=sys.stderr)
     sys.exit(2)
-  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
+  config_path = config_flags.get_config_filename(FLAGS['config'])
+  workdir = FLAGS.workdir or default_workdir(config_path)
   if jax.process_index() == 0 and FLAGS.mode != 'predict':  # (Its stdout is the predictions.)
-    print(f'workdir: {workdir}', flush=True)
+    print(first_line(config_path, workdir), flush=True)
   try:
     MODES[FLAGS.mode](config, workdir)
+    if jax.process_index() == 0 and FLAGS.mode == 'train':
+      print(last_line(workdir), flush=True)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     _exit(e.exit_code, agreed=e.agreed)

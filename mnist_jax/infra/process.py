@@ -1,11 +1,14 @@
-"""Process settings, made once before a run: the XLA:CPU flags and the caches.
+"""Process settings, made once before a run: quiet logs, the XLA:CPU flags and the caches.
 
 Nothing here changes what a run computes; each makes the process faster (the flags, the
-compilation cache) or keeps work from being done twice (the decoded-data cache).
+compilation cache), keeps work from being done twice (the decoded-data cache) or keeps the
+run's output its own (the logs).
 """
 
 import importlib.metadata
+import logging
 import os
+import re
 
 from etils import epath
 import jax
@@ -40,6 +43,44 @@ def use_cpu_xla_flags(environ=os.environ) -> list[str]:
   if added:
     environ['XLA_FLAGS'] = ' '.join(current + added)
   return added
+
+
+# Log lines meant for TFDS's developers, not for a user of a prepared dataset: a version folder
+# without metadata (TFDS looks in each candidate folder before it finds or misses the data; a
+# missing dataset is run.py's one error line) and its own mock data calling a deprecated field.
+TFDS_NOISE = re.compile(r'Variant folder .* has no dataset_info\.json'
+                        r'|`TensorInfo\.dtype` is deprecated')
+
+
+def asks_for_logs(argv: list[str]) -> bool:
+  """Whether the command line sets absl's verbosity (`-v 0`, `--verbosity=1`, ...)."""
+  return any(arg in ('-v', '--verbosity') or arg.startswith(('-v=', '--verbosity='))
+             for arg in argv[1:])
+
+
+def _not_tfds_noise(record: logging.LogRecord) -> bool:
+  return not TFDS_NOISE.search(record.getMessage())
+
+
+def quiet_logs(argv: list[str], environ=os.environ) -> bool:
+  """Keeps a run's output its own, unless `argv` sets the verbosity; returns whether it did.
+
+  Call it before anything imports TensorFlow (it reads its environment once):
+  - TensorFlow's C++ logs only errors (TF_CPP_MIN_LOG_LEVEL=2);
+  - TensorFlow's oneDNN kernels are off (TF_ENABLE_ONEDNN_OPTS=0), which also ends the
+    `oneDNN custom operations are on` lines that no log level hides. TensorFlow here only reads,
+    decodes and casts integers (tf.data), none of which is a oneDNN kernel: nothing the run
+    computes changes;
+  - TFDS's warnings for its developers (TFDS_NOISE) are dropped.
+  A variable the user set is left as they set it. Warnings meant for the user (run.py's own,
+  and any other library's) still print.
+  """
+  environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  if asks_for_logs(argv):
+    return False
+  environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  logging.getLogger('absl').addFilter(_not_tfds_noise)
+  return True
 
 
 def resolve_cache_dir(cache_dir: str) -> epath.Path | None:

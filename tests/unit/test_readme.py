@@ -24,8 +24,12 @@ def test_help_lists_every_config_field(tmp_path):
   assert 'Traceback' not in out.stderr
   rows = config_doc.table_rows(str(REPO / 'configs' / 'mlp.py'))
   assert len(rows) > 20
+  # The flags first, then the config fields, by section in the file's order.
+  assert out.stdout.index('--workdir:') < out.stdout.index('Config fields') < out.stdout.index(
+      '\nData:\n') < out.stdout.index('\nModel:\n') < out.stdout.index('\nLogging:\n')
+  fields_text = out.stdout[out.stdout.index('Config fields'):]
   for name, _, _ in rows:
-    assert re.search(rf'^{re.escape(name)}\s', out.stdout, re.M), name
+    assert re.search(rf'^  {re.escape(name)}\s', fields_text, re.M), name
   # config.sweep's fields share one row ('sweep.<name>') that names each of them.
   help_text = ' '.join(out.stdout.split())
   for name, _, _ in config_doc.fields(str(REPO / 'configs' / 'mlp.py')):
