@@ -117,6 +117,22 @@ def test_a_grid_of_an_optimizer_and_a_loss_value(tmp_path, mlp_config):
   assert len({round(x, 4) for x in losses}) == 4  # Each value changed something.
 
 
+def test_a_swept_learning_rate_trains_bit_for_bit_as_the_constant_one(tmp_path, mlp_config):
+  """The swept rate (a float32 in inject_hyperparams's state, times the schedule built at
+  rate 1) against the config's constant rate, one replica each: the same parameters to the
+  bit. So what parts a replica from its separate run is the vmapped program's summation
+  order, not how the rate enters the update (benchmarks/sweep_vs_runs.py, docs/sweeps.md)."""
+  plain = run(tiny(mlp_config.copy_and_resolve_references(), learning_rate=5e-3),
+              tmp_path / 'plain')
+  swept = run(tiny(mlp_config.copy_and_resolve_references(), **{'sweep.learning_rate': (5e-3,)}),
+              tmp_path / 'swept')
+  assert swept['param_fingerprint'] == plain['param_fingerprint']
+  assert swept['train_loss'] == plain['train_loss']
+  moved = run(tiny(mlp_config.copy_and_resolve_references(), learning_rate=5.001e-3),
+              tmp_path / 'moved')
+  assert moved['param_fingerprint'] != plain['param_fingerprint']  # The fingerprint can tell.
+
+
 def test_the_wrapper_computes_what_the_plain_optimizer_does(mlp_config):
   """inject_hyperparams around the chain: the same updates as the plain RMSprop, to 1e-6."""
   plain = optim.create_optimizer(mlp_config, 10)
