@@ -48,6 +48,7 @@ from mnist_jax import metrics
 from mnist_jax import models
 from mnist_jax import steps
 from mnist_jax import sweeps
+from mnist_jax import writers
 from mnist_jax.infra import errors
 from mnist_jax.infra import process
 from mnist_jax.infra import storage
@@ -291,11 +292,10 @@ def _best(workdir: epath.Path, step: int, config, finite: list[bool], weights: s
   key = f"test_{'ema_' if weights == 'ema' else ''}{name}_per_replica"
   record = None
   try:
-    for line in (workdir / 'metrics.jsonl').read_text().splitlines():
-      entry = json.loads(line)
-      if entry.get('step', 0) <= step and key in entry:
+    for entry in writers.read_records(workdir, warn=False):  # Damaged lines skipped.
+      if entry['step'] <= step and key in entry:
         record = entry if record is None or entry['step'] >= record['step'] else record
-  except (OSError, ValueError):
+  except OSError:
     pass
   if record is None:
     return next((i for i, ok in enumerate(finite) if ok), 0)

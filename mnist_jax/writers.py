@@ -46,12 +46,39 @@ def versions() -> dict[str, str]:
               process_count=str(jax.process_count()))
 
 
+def read_records(workdir: epath.Path, *, warn: bool = True) -> list[dict]:
+  """The records of metrics.jsonl that are whole. A line a kill, a full disk or an editor
+  damaged (cut short, not JSON, not a record) is skipped, with one warning for them all: the
+  rerun writes each epoch again from its checkpoint."""
+  records, bad = [], []
+  try:
+    text = (workdir / 'metrics.jsonl').read_bytes().decode('utf-8', errors='replace')
+  except FileNotFoundError:
+    return []
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if isinstance(record, dict) and isinstance(record.get('step'), int):
+      records.append(record)
+    else:
+      bad.append(number)
+  if bad and warn:
+    print(f"warning: {workdir / 'metrics.jsonl'} has {len(bad)} damaged line(s) (line "
+          f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}: cut short or not "
+          'JSON); they are skipped.', flush=True)
+  return records
+
+
 def read_history(workdir: epath.Path) -> list[dict]:
   """The per-epoch records of metrics.jsonl; a resumed run's repeated epoch counts once."""
   by_epoch = {}
-  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
-    record = json.loads(line)
-    by_epoch[record['epoch']] = record
+  for record in read_records(workdir):
+    if 'epoch' in record:
+      by_epoch[record['epoch']] = record
   return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -72,7 +99,10 @@ class MetricLogger:
     self._enabled = enabled
     if not enabled:
       return
-    self._jsonl = storage.open_append(workdir / 'metrics.jsonl')
+    path = workdir / 'metrics.jsonl'
+    self._jsonl = storage.open_append(path)
+    if path.exists() and path.read_bytes()[-1:] not in (b'', b'\n'):
+      self._jsonl.write('\n')  # A line cut short by a kill stays its own (skipped) line.
     self._writer, self._replica_writers = None, []
     if tensorboard:  # Imported here: a run without TensorBoard files does not pay for it.
       tensorboardX = storage.tensorboardx()  # gs:// event files through the same client.

@@ -2,6 +2,7 @@
 each refused (or survived) in one line before any work is wasted; no traceback."""
 
 import errno
+import json
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from mnist_jax import input_pipeline
 from mnist_jax import models
 from mnist_jax import steps
 from mnist_jax import validation
+from mnist_jax import writers
 from mnist_jax.infra import errors
 from mnist_jax.infra import storage
 from mnist_jax.infra import workdir as workdir_lib
@@ -262,3 +264,53 @@ def test_a_damaged_dataset_info_json_is_one_line_naming_it(tmp_path, damage):
                      rf'{re.escape(str(info))}, is damaged \(not JSON: ') as e:
     input_pipeline._builder('mnist', str(tmp_path))  # pylint: disable=protected-access
   assert '\n' not in str(e.value) and not isinstance(e.value, errors.ConfigError)
+
+
+# --- Damaged files in a workdir (issue 28, item 3) ---------------------------------------------
+
+def _damage(path, damage):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) * 2 // 3] if damage == 'truncated' else b'\x00garbage{{\n')
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def test_damaged_metrics_lines_are_skipped_with_one_warning(tmp_path, capsys, damage):
+  whole = [dict(step=2, epoch=1, test_loss=1.0), dict(step=4, epoch=2, test_loss=0.5)]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in whole))
+  _damage(tmp_path / 'metrics.jsonl', damage)
+  history = writers.read_history(epath.Path(tmp_path))
+  assert history == (whole[:1] if damage == 'truncated' else [])  # The whole lines.
+  [line] = capsys.readouterr().out.splitlines()
+  assert line.startswith('warning: ') and 'damaged line(s)' in line and 'skipped' in line
+
+
+def test_a_line_cut_short_stays_its_own_line_when_the_run_appends(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "epoch": 1, "test_lo')
+  logger = writers.MetricLogger(epath.Path(tmp_path), tensorboard=False)
+  logger.write(4, dict(epoch=2, test_loss=0.5))
+  logger.close()
+  assert writers.read_history(epath.Path(tmp_path)) == [dict(step=4, epoch=2, test_loss=0.5)]
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def test_a_workdir_with_damaged_files_resumes_and_rewrites_them(tmp_path, capsys, damage):
+  """metrics.jsonl, config.json, summary.json and the lock file, all damaged at once (a kill
+  or a full disk during a write, an editor): the rerun resumes, says so once, rewrites them."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from mnist_jax import train  # pylint: disable=g-import-not-at-top
+  config = lambda epochs: tiny_config(num_epochs=epochs, write_report=True,
+                                      checkpoint_async=False)
+  with tfds.testing.mock_data(num_examples=16):
+    train.train_and_evaluate(config(1), str(tmp_path))
+    for name in ('metrics.jsonl', 'config.json', 'summary.json', '.lock'):
+      _damage(tmp_path / name, damage)
+    capsys.readouterr()
+    summary = train.train_and_evaluate(config(2), str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'resumed from the checkpoint at step 2' in out
+  assert [l for l in out.splitlines() if l.startswith('warning:')] == [
+      f'warning: {tmp_path / "metrics.jsonl"} has 1 damaged line(s) (line 1: cut short or not '
+      'JSON); they are skipped.']
+  assert json.loads((tmp_path / 'summary.json').read_text())['steps'] == summary['steps'] == 4
+  assert json.loads((tmp_path / 'config.json').read_text())['num_epochs'] == 2
+  assert (tmp_path / 'report.md').exists()
