@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from mnist_jax import checkpoint
+from mnist_jax import datasets
 from mnist_jax import executor as executor_lib
 from mnist_jax import input_pipeline
 from mnist_jax import metrics
@@ -104,6 +105,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   validation.check_cache_dir(config, cache_dir)  # Before anything is decoded into it.
   if cache_dir:
     process.enable_compilation_cache(cache_dir)
+  if config.augment and not config.image_size:  # A TFDS dataset's metadata has its images' size:
+    _check_augment_early(config, cache_dir)  # an augmentation that blanks them is refused now.
   # Decoded whole (device, tfdata) or opened for streaming (stream), as the mode reads them.
   mode_name, why, info, splits = executor_lib.load(config, cache_dir)
   validation.check_augment(config, info.image_shape)  # Now that the images' size is known.
@@ -143,6 +146,20 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   record = checkpoint.run_record(config, len(executor.train), executor.steps_per_epoch,
                                  info.identity)
   return Setup(info, mode_name, executor, task, state, num_params, cache_dir, record, replicas)
+
+
+def _check_augment_early(config: ml_collections.ConfigDict, cache_dir) -> None:
+  """`validation.check_augment` with a TFDS dataset's image shape, from its metadata (setup
+  checks again once the data is loaded, for every kind of dataset)."""
+  if config.dataset.partition(':')[0] in datasets.SOURCES:
+    return  # Own data: its size is known once it is read.
+  try:
+    shape = tuple(input_pipeline.metadata_builder(config.dataset, config.data_dir, cache_dir)
+                  .info.features['image'].shape)
+  except Exception:  # pylint: disable=broad-except  (not prepared, unknown: the load says so)
+    return
+  if len(shape) == 3 and all(shape):
+    validation.check_augment(config, shape)
 
 
 def _init_replica(rng, hparams, *, model, tx, image_shape, ema_decay,

@@ -314,3 +314,12 @@ def test_a_workdir_with_damaged_files_resumes_and_rewrites_them(tmp_path, capsys
   assert json.loads((tmp_path / 'summary.json').read_text())['steps'] == summary['steps'] == 4
   assert json.loads((tmp_path / 'config.json').read_text())['num_epochs'] == 2
   assert (tmp_path / 'report.md').exists()
+
+
+def test_a_shift_that_blanks_a_tfds_datasets_images_is_refused_before_loading(monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from mnist_jax import executor, train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(executor, 'load', lambda *a: pytest.fail('loaded before the check'))
+  with tfds.testing.mock_data(num_examples=16):
+    with pytest.raises(errors.ConfigError, match=r'at most 13 for 28x28 images'):
+      train.setup(tiny_config(augment='shift(100)'))
