@@ -20,6 +20,7 @@ from conftest import tiny_config
 from mnist_jax import input_pipeline
 from mnist_jax import models
 from mnist_jax import steps
+from mnist_jax import sweeps
 from mnist_jax import validation
 from mnist_jax import writers
 from mnist_jax.infra import errors
@@ -323,3 +324,29 @@ def test_a_shift_that_blanks_a_tfds_datasets_images_is_refused_before_loading(mo
   with tfds.testing.mock_data(num_examples=16):
     with pytest.raises(errors.ConfigError, match=r'at most 13 for 28x28 images'):
       train.setup(tiny_config(augment='shift(100)'))
+
+
+# --- num_seeds and a NaN (issue 28, item 12: seeds stop together; a one-value sweep does not) --
+
+def _one_replica_nan():
+  per_step = dict(loss=np.array([[0.5, 0.4], [0.5, np.nan]], np.float32),
+                  params_finite=np.array([True, False]))
+  return [(per_step, 0, 2)]
+
+
+def test_seeds_alone_stop_together_on_one_seeds_nan():
+  replicas = sweeps.Replicas.from_config(tiny_config(num_seeds=2))
+  assert replicas.no_divergence() is None
+  with pytest.raises(steps.NonFiniteError, match=r'loss is \[0\.4.*nan\] at step 2; stopping '
+                     'without saving this state'):
+    steps.check_finite(_one_replica_nan(), replicas.no_divergence(), replicas.names)
+
+
+def test_seeds_of_a_one_value_sweep_mark_the_diverged_seed_and_go_on(capsys):
+  config = tiny_config(num_seeds=2)
+  config.sweep.learning_rate = (1e-3,)
+  replicas = sweeps.Replicas.from_config(config)
+  diverged = replicas.no_divergence()
+  steps.check_finite(_one_replica_nan(), diverged, replicas.names)
+  assert diverged.tolist() == [0, 2]
+  assert 'replica learning_rate=0.001,seed=1 diverged at step 2' in capsys.readouterr().out
