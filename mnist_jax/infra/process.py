@@ -8,7 +8,9 @@ run's output its own (the logs).
 import importlib.metadata
 import logging
 import os
+import pathlib
 import re
+import sys
 
 from etils import epath
 import jax
@@ -95,3 +97,36 @@ def enable_compilation_cache(cache_dir: epath.Path) -> None:
   jax.config.update('jax_compilation_cache_dir', str(cache_dir / 'jax'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  _replace_damaged_cache_entries(cache_dir / 'jax')
+
+
+def _replace_damaged_cache_entries(folder: epath.Path) -> None:
+  """A compiled program whose cache file is damaged (cut short by a kill, a full disk) is
+  compiled again either way; JAX warns in two lines at every run and never replaces the file,
+  as one is there. Here the file is removed, so the program compiled now is cached again, with
+  one line. (JAX's private module: if it changes, JAX's own handling stays.)"""
+  import warnings  # pylint: disable=g-import-not-at-top
+  try:
+    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+    original = compilation_cache.get_executable_and_time
+  except (ImportError, AttributeError):
+    return
+  if getattr(original, 'replaces_damaged', False):
+    return
+
+  def get_executable_and_time(cache_key, *args, **kwargs):
+    try:
+      return original(cache_key, *args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except  (zstd, zlib, XLA: any damage)
+      done = 'compiled again'
+      if not storage.is_remote(folder):
+        for suffix in ('-cache', '-atime'):
+          (pathlib.Path(folder) / f'{cache_key}{suffix}').unlink(missing_ok=True)
+        done = 'removed, the program is compiled and cached again'
+      print(f"warning: the compilation cache's entry {cache_key[:40]}... in {folder} is "
+            f'damaged ({type(e).__name__}); {done}.', file=sys.stderr, flush=True)
+      raise
+
+  get_executable_and_time.replaces_damaged = True
+  compilation_cache.get_executable_and_time = get_executable_and_time
+  warnings.filterwarnings('ignore', message='Error reading persistent compilation cache entry')

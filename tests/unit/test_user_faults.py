@@ -350,3 +350,31 @@ def test_seeds_of_a_one_value_sweep_mark_the_diverged_seed_and_go_on(capsys):
   steps.check_finite(_one_replica_nan(), diverged, replicas.names)
   assert diverged.tolist() == [0, 2]
   assert 'replica learning_rate=0.001,seed=1 diverged at step 2' in capsys.readouterr().out
+
+
+_COMPILE_TWICE = '''
+import os, sys
+from etils import epath
+from mnist_jax.infra import process
+process.enable_compilation_cache(epath.Path(sys.argv[1]))
+import jax, jax.numpy as jnp
+print(jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).tolist())
+'''
+
+
+def test_a_damaged_compilation_cache_entry_is_replaced_with_one_line(tmp_path):
+  run = lambda: subprocess.run([sys.executable, '-c', _COMPILE_TWICE, str(tmp_path)],
+                               capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert run().returncode == 0
+  entries = sorted((tmp_path / 'jax').glob('*-cache'))
+  assert entries
+  for entry in entries:
+    entry.write_bytes(entry.read_bytes()[:100])  # Cut short.
+  damaged = run()
+  assert damaged.returncode == 0 and damaged.stdout.strip() == '[3.0, 3.0, 3.0]'
+  lines = [l for l in damaged.stderr.splitlines() if 'compilation cache' in l]
+  assert len(lines) == len(entries) and all(
+      l.startswith("warning: the compilation cache's entry ") and 'removed' in l for l in lines)
+  assert all(entry.stat().st_size > 100 for entry in entries)  # Cached again, whole.
+  assert 'compilation cache' not in run().stderr  # And the next run is quiet.
