@@ -356,3 +356,36 @@ def host_batches(split: StreamSplit, chunks: list[dict[str, np.ndarray]]
     yield dict(image=np.moveaxis(image.reshape(*shape, *image.shape[-3:]), 0, k_axis),
                label=np.moveaxis(batch['label'].reshape(shape), 0, k_axis),
                mask=chunk['mask'])
+
+
+# --- The conversion ahead of a run: `python -m mnist_jax.stream DATASET` ------------------
+
+def prepare(dataset: str, data_dir: str = '', cache_dir: str = '') -> epath.Path:
+  """The folder a stream run of `dataset` reads: its own ArrayRecord files, or the copy in the
+  cache (resolved as a run resolves config.cache_dir), converted now if there is none yet."""
+  from mnist_jax.infra import process  # pylint: disable=g-import-not-at-top
+  builder = input_pipeline.find_builder(dataset, data_dir, download=False)
+  return arrayrecord_folder(builder, process.resolve_cache_dir(cache_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m mnist_jax.stream',
+      description='Converts a prepared TFDS dataset to ArrayRecord for input_mode=stream, once '
+                  '(what the first stream run does), and prints the folder a run reads.')
+  parser.add_argument('dataset', help="as config.dataset, e.g. 'mnist'")
+  parser.add_argument('--data_dir', default='', help='as config.data_dir')
+  parser.add_argument('--cache_dir', default='', help='as config.cache_dir')
+  args = parser.parse_args(argv)
+  try:
+    print(prepare(args.dataset, args.data_dir, args.cache_dir), flush=True)
+  except errors.UserError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

@@ -206,3 +206,116 @@ def test_a_damaged_record_stops_the_run_naming_the_file(tmp_path):
 def test_own_data_is_refused_in_stream_mode_in_one_line(tmp_path):
   with pytest.raises(errors.ConfigError, match=r"^input_mode='stream' reads TFDS datasets"):
     stream.open_splits(f'npz:{tmp_path}/x.npz', '', ('train',), download=False, cache_dir=None)
+
+
+def test_each_process_reads_only_its_columns_of_every_batch(data_dir, monkeypatch):
+  # Two processes of a --distributed run, faked: each reads its contiguous block of every
+  # global batch's columns (its rows of the plan), and only those records; together, the batch.
+  _, decoded = input_pipeline.load('tiny_ar', str(data_dir), ('train', 'test'), download=False,
+                                   cache_dir=None)
+  _, streamed = stream.open_splits('tiny_ar', str(data_dir), ('train', 'test'), download=False,
+                                   cache_dir=None)
+  chunks = executor('device', decoded).epoch_chunks(2)
+  split = streamed['train']
+  original_records = split.records
+  images, read = {}, {}
+  for process in (0, 1):
+    monkeypatch.setattr(executor_lib.jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(executor_lib.jax, 'process_index', lambda process=process: process)
+    local = [executor_lib.Executor.local_columns(c) for c in chunks]
+    assert [c['index'].shape for c in local] == [(2, BATCH_SIZE // 2)] * 2
+    read[process] = []
+    monkeypatch.setattr(split, 'records', lambda index_M, process=process: (
+        read[process].append(np.asarray(index_M).copy()) or original_records(index_M)))
+    images[process] = [b['image'] for b in stream.host_batches(split, local)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(read[process])),
+                                  np.sort(np.concatenate([c['index'].reshape(-1) for c in local])))
+  for c, chunk in enumerate(chunks):
+    np.testing.assert_array_equal(np.concatenate([images[0][c], images[1][c]], axis=1),
+                                  decoded['train'].image[chunk['index']])
+  # The epoch's examples, each read by one process only (padded slots read example 0).
+  real = {p: np.concatenate([c['index'][:, p * 8:(p + 1) * 8][c['mask'][:, p * 8:(p + 1) * 8] > 0]
+                             for c in chunks]) for p in (0, 1)}
+  assert len(real[0]) + len(real[1]) == NUM_TRAIN and not set(real[0]) & set(real[1])
+  for p in (0, 1):
+    assert set(real[p]) <= set(np.concatenate(read[p]))
+    assert len(set(real[1 - p]) & set(np.concatenate(read[p])) - {0}) == 0
+
+
+def test_seeds_augmentation_and_evaluate_mode_stream_as_device_mode(data_dir, tmp_path):
+  overrides = dict(num_seeds=2, augment='shift(2)', num_epochs=1)
+  device = train.train_and_evaluate(config_for(data_dir, input_mode='device', **overrides),
+                                    str(tmp_path / 'device'))
+  config = config_for(data_dir, input_mode='stream', **overrides)
+  streamed = train.train_and_evaluate(config, str(tmp_path / 'stream'))
+  assert streamed['param_fingerprint'] == device['param_fingerprint']
+  assert streamed['test_accuracy'] == pytest.approx(device['test_accuracy'], abs=1e-6)
+  evaluated = train.evaluate_checkpoint(config, str(tmp_path / 'stream'))  # --mode=evaluate.
+  assert evaluated['param_fingerprint'] == device['param_fingerprint']
+  assert evaluated['test_accuracy'] == pytest.approx(device['test_accuracy'], abs=1e-6)
+  assert evaluated['test_accuracy_per_replica'] == pytest.approx(
+      device['test_accuracy_per_replica'], abs=1e-6)
+
+
+def test_a_conversion_out_of_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
+  store(tmp_path / 'tfds', 'tiny_full', 'tfrecord')
+  writer = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.ARRAY_RECORD]
+  real_write = writer.write_examples
+
+  def write_until_full(path, examples):  # The first shard is written, the second fills the disk.
+    if 'train' in str(path):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_write(path, examples)
+
+  monkeypatch.setattr(writer, 'write_examples', write_until_full)
+  cache_dir = epath.Path(tmp_path / 'cache')
+  with pytest.raises(errors.UserError) as raised:
+    stream.open_splits('tiny_full', str(tmp_path / 'tfds'), ('train',), download=False,
+                       cache_dir=cache_dir)
+  message = str(raised.value)
+  assert '\n' not in message and 'No space left on device' in message, message
+  assert message.endswith('nothing half-converted is kept; free some disk space there, or set '
+                          '--config.cache_dir elsewhere.')
+  assert list((cache_dir / stream.FOLDER).iterdir()) == []
+
+
+def test_a_decode_worker_that_dies_stops_the_run_in_one_line(data_dir, tmp_path, monkeypatch):
+  calls = [0]
+  original = stream.StreamSplit.records
+
+  def dies_on_the_third_step(self, index_M):
+    calls[0] += 1
+    if calls[0] == 3:
+      raise MemoryError('worker killed')
+    return original(self, index_M)
+
+  monkeypatch.setattr(stream.StreamSplit, 'records', dies_on_the_third_step)
+  config = config_for(data_dir, input_mode='stream', num_epochs=1)
+  with pytest.raises(stream.StreamReadError) as raised:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(raised.value)
+  assert '\n' not in message and message.startswith("cannot read split 'train'"), message
+  assert 'worker killed' in message
+
+
+def test_the_conversion_command_converts_ahead_and_prints_the_folder(tmp_path, capsys):
+  arrays = store(tmp_path / 'tfds', 'tiny_cmd', 'tfrecord', seed=2)
+  argv = ['tiny_cmd', f'--data_dir={tmp_path / "tfds"}', f'--cache_dir={tmp_path / "cache"}']
+  assert stream.main(argv) == 0
+  folder = capsys.readouterr().out.strip().splitlines()[-1]
+  assert folder.startswith(str(tmp_path / 'cache' / stream.FOLDER / 'tiny_cmd-1.0.0-'))
+  # The run then reads that copy, converting nothing.
+  _, splits = stream.open_splits('tiny_cmd', str(tmp_path / 'tfds'), ('train',), download=False,
+                                 cache_dir=epath.Path(tmp_path / 'cache'))
+  assert 'converting' not in capsys.readouterr().out
+  np.testing.assert_array_equal(splits['train'].label, arrays['train'][1])
+  # An ArrayRecord dataset is its own folder; a missing one is one line and status 1.
+  store(tmp_path / 'tfds', 'tiny_cmd_ar', 'array_record')
+  capsys.readouterr()
+  assert stream.main(['tiny_cmd_ar', f'--data_dir={tmp_path / "tfds"}']) == 0
+  assert capsys.readouterr().out.strip() == str(tmp_path / 'tfds' / 'tiny_cmd_ar' / '1.0.0')
+  assert stream.main(['no_such_set', f'--data_dir={tmp_path / "tfds"}']) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error: ') and '\n' not in err, err
