@@ -267,8 +267,11 @@ def convert(builder, target: epath.Path) -> None:
       if not (target / 'dataset_info.json').exists():
         raise
   except Exception as e:  # pylint: disable=broad-except  (OS, TF's DataLossError, ...)
-    fix = ('free some disk space there, or set --config.cache_dir elsewhere' if
-           isinstance(e, OSError) else f'{version_dir} may be damaged: prepare it again')
+    # A full disk: an OSError, or ArrayRecord's writer's RuntimeError ('write() failed: No
+    # space left on device; ...').
+    writing = isinstance(e, OSError) or 'No space left on device' in str(e)
+    fix = ('free some disk space there, or set --config.cache_dir elsewhere' if writing
+           else f'{version_dir} may be damaged: prepare it again')
     raise errors.UserError(f'converting {version_dir} to ArrayRecord in {target.parent} failed '
                            f'({type(e).__name__}: {errors.first_line(e) or "no message"}); '
                            f'nothing half-converted is kept; {fix}.') from None
