@@ -10,7 +10,7 @@ Expected: test accuracy >= 0.990 after 5 epochs. Measured here (2026-12-03, Flax
 XLA's own convolutions on CPU), seeds 0-4: 0.9902, 0.9913, 0.9900, 0.9904, 0.9906 (mean 0.9905;
 with models/layers.py's Conv, 2026-11-26: 0.9901, 0.9912, 0.9902, 0.9906, 0.9903, mean 0.9905),
 89-98 s of training (seeds 2, 3) on a 2-core EPYC, 2.5-8 minutes while other jobs shared it
-(README, Speed: the epoch against PyTorch's).
+(docs/performance.md: the epoch against PyTorch's).
 On one H100 GPU: 0.9906 (seed 0), 5 epochs in 3.8 s with compilation.
 """
 
@@ -47,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.steps_per_call = 10
   config.scan_unroll = 10
   # On a GPU unrolling only lengthens the compile: on an H100, from a fresh process, 9.2 s
-  # unrolled against 3.1 s for one plain loop an epoch, 0.136 and 0.141 s an epoch (README,
-  # Speed). Not measured on a TPU.
+  # unrolled against 3.1 s for one plain loop an epoch, 0.136 and 0.141 s an epoch (docs/
+  # performance.md, "On a GPU"). Not measured on a TPU.
   config.backend_overrides = ml_collections.ConfigDict(
       dict(gpu=dict(steps_per_call=0, scan_unroll=1)))
 

@@ -16,7 +16,7 @@ Run:
 
 Expected: test accuracy about 0.995. Measured, seeds 0-2 (`--config.seed=N`): 0.9956, 0.9948,
 0.9955, mean 0.9953 (the plain CNN of configs/cnn.py: 0.9905), 18-37 minutes a seed on a
-shared 2-core CPU; measured before run.py moved CPU convolutions off YNNPACK (README, Speed),
+shared 2-core CPU; measured before run.py moved CPU convolutions off YNNPACK (docs/performance.md),
 which changes their float sums, so a run now gives other exact figures. On one H100 GPU:
 0.9955 (seed 0), 15 epochs in 7.1 s.
 
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.steps_per_call = 7
   config.scan_unroll = 7
   # On an H100 one plain loop an epoch compiled in 3.3 s against 18.1 s unrolled, and ran an
-  # epoch in 0.185 s against 0.235 s (in one process, after the CNN's runs: README, Speed).
+  # epoch in 0.185 s against 0.235 s (in one process, after the CNN's runs: docs/performance.md).
   # Not measured on a TPU.
   config.backend_overrides = ml_collections.ConfigDict(
       dict(gpu=dict(steps_per_call=0, scan_unroll=1)))

@@ -7,7 +7,7 @@ Run:
 Expected: test accuracy >= 0.990 after 5 epochs, as configs/cnn.py. Measured here (2026-12-03,
 2-core AVX2 CPU, shared with other jobs): 0.9911 for seed 0. Its initial parameters are drawn by NNX
 (`nnx.Rngs(seed)`), not Linen, so its figures are those of another draw of the same network;
-its steady epoch against configs/cnn.py's: README, Extending it ("The same model in Flax NNX").
+its steady epoch against configs/cnn.py's: docs/extending.md ("Measured", "The NNX model").
 """
 
 import ml_collections

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Any TFDS image-classification dataset with 'image' and 'label' (by name, also one written
   # with tfds.dataset_builders.store_as_tfds_dataset into the data dir), or your own data:
   # 'image_folder:/path/root' (root/<split>/<class>/*.png|jpg|jpeg) or 'npz:/path/file.npz'
-  # (<split>_images, <split>_labels, optional class_names); README, "Your own data".
+  # (<split>_images, <split>_labels, optional class_names); docs/extending.md, "Your own data".
   config.dataset = 'mnist'
   config.data_dir = ''  # TFDS data dir; '' means $TFDS_DATA_DIR, else TFDS's default.
   # Split to train on; sliced as TFDS slices, for every kind of dataset: 'train[:90%]'.

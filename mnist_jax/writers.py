@@ -91,7 +91,7 @@ class MetricLogger:
 
   The event files come from tensorboardX (protobuf and numpy only): clu's metric writers, and
   TensorBoard's own writer where TensorFlow is installed, import TensorFlow, which would add
-  seconds to every run that otherwise needs none (benchmarks/train_speed.py, README).
+  seconds to every run that otherwise needs none (benchmarks/train_speed.py, docs/performance.md).
   """
 
   def __init__(self, workdir: epath.Path, *, tensorboard: bool, enabled: bool = True,

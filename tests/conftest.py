@@ -63,13 +63,17 @@ def tiny_config(name: str = 'mlp', **overrides):
                 **overrides)
 
 
+DOC_PAGES = (REPO_ROOT / 'README.md', *sorted((REPO_ROOT / 'docs').glob('*.md')))
+
+
 def readme_example(tag: str) -> str:
-  """The Python block that follows `<!-- example: TAG -->` in the README."""
+  """The Python block that follows `<!-- example: TAG -->` in the README or a docs/ page (in
+  exactly one of them)."""
   import re  # pylint: disable=g-import-not-at-top
-  readme = (REPO_ROOT / 'README.md').read_text()
-  match = re.search(rf'<!-- example: {re.escape(tag)} -->\n```python\n(.*?)```', readme, re.S)
-  assert match, f'no example {tag!r} in the README'
-  return match.group(1)
+  found = [match.group(1) for page in DOC_PAGES for match in re.finditer(
+      rf'<!-- example: {re.escape(tag)} -->\n```python\n(.*?)```', page.read_text(), re.S)]
+  assert len(found) == 1, f'example {tag!r}: {len(found)} blocks in README.md and docs/, not 1'
+  return found[0]
 
 
 def real_data_available() -> bool:

@@ -1,7 +1,7 @@
 """A small convolutional network: [Conv -> activation -> max-pool] per feature size, then MLP.
 
 Its convolution is Flax's own `nn.Conv` (with XLA's own CPU convolutions it measured faster
-than models/layers.py's `Conv`: README, Speed); its pooling is models/layers.py's `max_pool`
+than models/layers.py's `Conv`: docs/performance.md); its pooling is models/layers.py's `max_pool`
 (Flax's, with a faster CPU path: same values and gradients).
 """
 

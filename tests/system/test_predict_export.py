@@ -231,7 +231,7 @@ def test_predict_into_a_closed_pipe_ends_quietly(tmp_path, subprocess_env, pytho
 
 @pytest.mark.slow
 def test_the_readme_consumers_run_as_written(tmp_path, subprocess_env, python):
-  """The README's two ten-line consumers, in the export folder with a digit.png, in fresh
+  """docs/inference.md's two ten-line consumers, in the export folder with a digit.png, in fresh
   processes: they print the class name and probability that predict gives."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   workdir, _, arrays = trained(tmp_path, 'cnn_bn')

@@ -21,7 +21,7 @@ def shipped(name: str):
 
 @pytest.mark.parametrize('name, cpu, gpu', [
     ('mlp', (0, 1), (0, 1)),
-    ('cnn', (10, 10), (0, 1)),  # Unrolled on XLA:CPU only (README, Speed: on a GPU).
+    ('cnn', (10, 10), (0, 1)),  # Unrolled on XLA:CPU only (docs/performance.md, "On a GPU").
     ('cnn_bn', (7, 7), (0, 1)),
 ])
 def test_each_backend_gets_its_values(name, cpu, gpu):

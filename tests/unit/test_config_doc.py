@@ -170,3 +170,12 @@ def test_sections_group_the_rows_under_the_files_rules(example_path):
   text = config_doc.sectioned_text(example_path)
   assert text.startswith('Data:\n  dataset ') and '\nModel:\n  model.hidden_sizes ' in text
   assert '\nOther:\n  looped_a ' in text
+
+
+def test_docs_configs_table_matches_the_config():
+  """docs/configs.md's table is the one generated from configs/mlp.py, so it cannot drift."""
+  import re  # pylint: disable=g-import-not-at-top
+  page = (REPO_ROOT / 'docs' / 'configs.md').read_text()
+  table = re.search(r'<!-- config table: begin -->\n(.*?)\n<!-- config table: end -->', page,
+                    re.S).group(1)
+  assert table.strip() == config_doc.markdown_table(MLP_CONFIG_PATH).strip()

@@ -153,7 +153,7 @@ def test_fingerprint_covers_the_model_state(tiny):
 
 
 class _BatchNormWithoutMask(nn.Module):
-  """The README's contract without the optional mask: the statistics include padding."""
+  """docs/extending.md's contract without the optional mask: the statistics include padding."""
   num_classes: int
 
   @nn.compact

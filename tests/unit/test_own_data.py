@@ -496,14 +496,12 @@ def test_report_figure_uses_class_names_and_says_which_are_missing():
   assert report.missing_classes(confusion, list(CLASSES)) == ['owl']
 
 
-# --- The README's worked example ----------------------------------------------------------------
+# --- docs/extending.md's worked example ----------------------------------------------------------------
 
 def test_readme_save_as_folder_example_makes_a_folder_that_trains(tmp_path):
-  import re  # pylint: disable=g-import-not-at-top
-  readme = (REPO_ROOT / 'README.md').read_text()
-  block = re.search(r'<!-- example: own data folder -->\n```python\n(.*?)```', readme, re.S)
+  from conftest import readme_example  # pylint: disable=g-import-not-at-top
   namespace = {}
-  exec(block.group(1), namespace)  # pylint: disable=exec-used
+  exec(readme_example('own data folder'), namespace)  # pylint: disable=exec-used
   rng = np.random.default_rng(0)
   for split, n in (('train', 24), ('test', 6)):
     labels = np.arange(n) % 3
