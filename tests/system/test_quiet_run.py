@@ -104,7 +104,8 @@ def test_an_offline_failure_is_its_two_lines_and_verbosity_brings_the_rest_back(
   result, lines = run_py(args, bare_env)
   assert result.returncode != 0
   assert_only_own_lines(lines)
-  assert len(lines) == 2 and lines[1].startswith("error: Dataset 'mnist' is not prepared in "), lines
+  assert len(lines) == 2, lines
+  assert lines[1].startswith("error: Dataset 'mnist' is not prepared in "), lines
 
   result, lines = run_py([*args, '-v', '0'], bare_env)  # absl's own verbosity flag.
   assert result.returncode != 0
