@@ -349,10 +349,7 @@ class WorkdirLock:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       self._file.seek(0)
-      try:
-        holder = json.loads(self._file.read() or '{}')
-      except ValueError:
-        holder = {}
+      holder = _parse_holder(self._file.read())
       self._file.close()
       self._file = None
       raise WorkdirBusy(f'another run is using {self.path.parent} ({_describe(holder)}); wait '
@@ -387,14 +384,14 @@ class WorkdirLock:
 
   def _read_holder(self) -> dict:
     try:
-      return json.loads(self.path.read_text())
-    except (FileNotFoundError, ValueError):
+      return _parse_holder(self.path.read_text())
+    except FileNotFoundError:
       return {}
 
   def _is_stale(self, holder: dict) -> bool:
     if not holder:
       return True  # Unreadable or half-written content: not a lock anyone can renew.
-    if holder.get('host') == self._owner['host'] and not _pid_alive(holder.get('pid', -1)):
+    if holder.get('host') == self._owner['host'] and not _pid_alive(int(holder.get('pid', -1))):
       return True
     return time.time() - float(holder.get('heartbeat', 0)) > float(holder.get('lease_s', 0))
 
@@ -440,10 +437,25 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _parse_holder(text: str) -> dict:
+  """A lock file's holder (host, pid, heartbeat, lease_s), or {} where the file is cut short,
+  not JSON or holds values of the wrong kind (an editor, a kill mid-write): owner unknown."""
+  try:
+    holder = json.loads(text or '{}')
+    if not isinstance(holder, dict):
+      return {}
+    float(holder.get('heartbeat', 0)), float(holder.get('lease_s', 0))
+    int(holder.get('pid', -1))
+    datetime.datetime.fromtimestamp(float(holder.get('heartbeat', 0)))
+  except (ValueError, TypeError, OverflowError, OSError):
+    return {}
+  return holder
+
+
 def _describe(holder: dict) -> str:
   if not holder:
     return 'owner unknown'
-  seen = datetime.datetime.fromtimestamp(holder.get('heartbeat', 0)).strftime('%H:%M:%S')
+  seen = datetime.datetime.fromtimestamp(float(holder.get('heartbeat', 0))).strftime('%H:%M:%S')
   return f"host {holder.get('host')}, pid {holder.get('pid')}, last seen {seen}"
 
 

@@ -378,3 +378,16 @@ def test_a_damaged_compilation_cache_entry_is_replaced_with_one_line(tmp_path):
       l.startswith("warning: the compilation cache's entry ") and 'removed' in l for l in lines)
   assert all(entry.stat().st_size > 100 for entry in entries)  # Cached again, whole.
   assert 'compilation cache' not in run().stderr  # And the next run is quiet.
+
+
+@pytest.mark.parametrize('content', ['{"host": "h", "pid": 1, "heartb', '\x00garbage{{',
+                                     '[1, 2]', '{"heartbeat": "noon", "pid": "x"}'])
+def test_a_damaged_lock_file_of_a_live_run_still_refuses_in_one_line(tmp_path, content):
+  with workdir_lib.hold(epath.Path(tmp_path)):
+    (tmp_path / workdir_lib.LOCK_NAME).write_text(content)  # An editor, a kill mid-write.
+    with pytest.raises(errors.UserError, match=r'^another run is using .* \(owner unknown\); '
+                       'wait for it to finish'):
+      with workdir_lib.hold(epath.Path(tmp_path)):
+        pass
+  with workdir_lib.hold(epath.Path(tmp_path)):  # Released, and taken again despite the content.
+    pass
