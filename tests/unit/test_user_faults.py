@@ -293,20 +293,21 @@ def test_a_line_cut_short_stays_its_own_line_when_the_run_appends(tmp_path):
   assert writers.read_history(epath.Path(tmp_path)) == [dict(step=4, epoch=2, test_loss=0.5)]
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
-def test_a_workdir_with_damaged_files_resumes_and_rewrites_them(tmp_path, capsys, damage):
-  """metrics.jsonl, config.json, summary.json and the lock file, all damaged at once (a kill
-  or a full disk during a write, an editor): the rerun resumes, says so once, rewrites them."""
+def test_a_workdir_with_damaged_files_resumes_and_rewrites_them(tmp_path, capsys):
+  """metrics.jsonl and summary.json cut short, config.json and the lock file garbage, all at
+  once (a kill or a full disk during a write, an editor): the rerun resumes, says so once,
+  rewrites them, and its report reads the whole lines."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from mnist_jax import train  # pylint: disable=g-import-not-at-top
-  config = lambda epochs: tiny_config(num_epochs=epochs, write_report=True,
-                                      checkpoint_async=False)
+  config = lambda epochs, report: tiny_config(num_epochs=epochs, write_report=report,
+                                              checkpoint_async=False)
   with tfds.testing.mock_data(num_examples=16):
-    train.train_and_evaluate(config(1), str(tmp_path))
-    for name in ('metrics.jsonl', 'config.json', 'summary.json', '.lock'):
+    train.train_and_evaluate(config(1, False), str(tmp_path))
+    for name, damage in (('metrics.jsonl', 'truncated'), ('summary.json', 'truncated'),
+                         ('config.json', 'garbage'), ('.lock', 'garbage')):
       _damage(tmp_path / name, damage)
     capsys.readouterr()
-    summary = train.train_and_evaluate(config(2), str(tmp_path))
+    summary = train.train_and_evaluate(config(2, True), str(tmp_path))
   out = capsys.readouterr().out
   assert 'resumed from the checkpoint at step 2' in out
   assert [l for l in out.splitlines() if l.startswith('warning:')] == [
@@ -314,6 +315,7 @@ def test_a_workdir_with_damaged_files_resumes_and_rewrites_them(tmp_path, capsys
       'JSON); they are skipped.']
   assert json.loads((tmp_path / 'summary.json').read_text())['steps'] == summary['steps'] == 4
   assert json.loads((tmp_path / 'config.json').read_text())['num_epochs'] == 2
+  assert [r['epoch'] for r in writers.read_history(epath.Path(tmp_path))] == [2]
   assert (tmp_path / 'report.md').exists()
 
 
