@@ -188,6 +188,7 @@ class StreamExecutor(Executor):
   """Batches read and decoded from ArrayRecord files as they are needed (`stream.py`); the
   host holds a few chunks of steps, never a split. Evaluation and the report's predictions
   stream the eval split too, a chunk per call."""
+  IN_FLIGHT = 2  # Train calls dispatched and not yet done, at most (the running one and the next).
 
   @staticmethod
   def load(config, cache_dir):
@@ -221,6 +222,15 @@ class StreamExecutor(Executor):
 
   def train_inputs(self, chunks):
     return self._batches(self.train, chunks)
+
+  def train_call(self, state, data, xs, guard_empty_steps=True):
+    """A call, with at most IN_FLIGHT calls dispatched ahead of the device: JAX dispatches
+    asynchronously and each queued call holds its chunk, so without the bound a whole epoch's
+    chunks could wait on the host (the loop fetches no result before the epoch ends)."""
+    out = super().train_call(state, data, xs, guard_empty_steps)
+    self._in_flight = [*getattr(self, '_in_flight', [])[-(self.IN_FLIGHT - 1):], out[1]]
+    jax.block_until_ready(self._in_flight[0])
+    return out
 
   def evaluate(self, state: steps.TrainState):
     sums = None
