@@ -335,10 +335,21 @@ def make_chunk_fns(get_batch: Callable[[Any, Batch], Batch], replicas: bool = Fa
       evaluate=jax.jit(evaluate, static_argnames=('task', 'unroll')))
 
 
+# Up to this many replicas that share every input run as that many plain calls in one program
+# rather than vmapped: each then computes exactly what its separate run computes (the vmapped
+# program's wider matmuls sum in another order), and on XLA:CPU no slower (docs/sweeps.md).
+LOOPED_REPLICAS = 4
+
+
 def _over_replicas(fn: Callable, in_axes: tuple) -> Callable:
   """`fn` for N independent replicas at once: state (and per-replica inputs) stacked [N, ...]."""
 
   def run(state, *args, **static):  # task, unroll (and guard_empty_steps for training).
+    n = jax.tree.leaves(state)[0].shape[0]
+    if n <= LOOPED_REPLICAS and all(axis is None for axis in in_axes[1:]):
+      outs = [fn(jax.tree.map(lambda x: x[i], state), *args, **static)  # pylint: disable=cell-var-from-loop
+              for i in range(n)]
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return jax.vmap(functools.partial(fn, **static), in_axes=in_axes)(state, *args)
 
   return run

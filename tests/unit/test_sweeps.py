@@ -133,6 +133,20 @@ def test_a_swept_learning_rate_trains_bit_for_bit_as_the_constant_one(tmp_path, 
   assert moved['param_fingerprint'] != plain['param_fingerprint']  # The fingerprint can tell.
 
 
+def test_up_to_four_replicas_of_one_seed_are_their_runs_bit_for_bit(tmp_path, mlp_config):
+  """Three rates of one seed: each replica's parameters are its plain run's, to the bit (they
+  run as three plain calls in one program, steps.LOOPED_REPLICAS; vmapped, the replicas'
+  wider matmuls summed in another order and parted from their runs)."""
+  rates = (1e-3, 3e-3, 5e-3)
+  both = run(tiny(mlp_config.copy_and_resolve_references(), **{'sweep.learning_rate': rates}),
+             tmp_path / 'sweep')
+  for i, lr in enumerate(rates):
+    alone = run(tiny(mlp_config.copy_and_resolve_references(), learning_rate=lr),
+                tmp_path / f'single{i}')
+    assert both['replicas'][i]['param_fingerprint'] == alone['param_fingerprint'], lr
+    assert both['replicas'][i]['test_loss'] == alone['test_loss'], lr
+
+
 def test_the_wrapper_computes_what_the_plain_optimizer_does(mlp_config):
   """inject_hyperparams around the chain: the same updates as the plain RMSprop, to 1e-6."""
   plain = optim.create_optimizer(mlp_config, 10)
