@@ -81,7 +81,10 @@ def quiet_logs(argv: list[str], environ=os.environ) -> bool:
   if asks_for_logs(argv):
     return False
   environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  logging.getLogger('absl').addFilter(_not_tfds_noise)
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  # absl's own logger (an ABSLLogger): asking `logging` for 'absl' before absl is imported
+  # would make it a plain Logger, and absl's warnings would reach stderr at every level.
+  absl_logging.get_absl_logger().addFilter(_not_tfds_noise)
   return True
 
 
