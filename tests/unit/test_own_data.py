@@ -73,6 +73,15 @@ def make_npz(path: pathlib.Path, seed=0, **overrides) -> dict:
   return arrays
 
 
+def own_dataset(tmp_path: pathlib.Path, kind: str) -> str:
+  """config.dataset for a tiny dataset of `kind` ('image_folder' or 'npz') made in tmp_path."""
+  if kind == 'npz':
+    make_npz(tmp_path / 'data.npz')
+    return f'npz:{tmp_path / "data.npz"}'
+  make_folder(tmp_path / 'pets')
+  return f'image_folder:{tmp_path / "pets"}'
+
+
 def small_config(dataset: str, **overrides):
   config = load_config_module().get_config()
   config.dataset = dataset
@@ -221,12 +230,7 @@ def test_own_data_resumes_mid_epoch_to_the_uninterrupted_fingerprint(tmp_path, c
   """As after a kill -9 just past a mid-epoch checkpoint: the newer checkpoints go, and the
   rerun ends with the uninterrupted run's fingerprint (augmentation and dropout-free MLP; the
   plan is rebuilt from the step alone, whatever the data's source)."""
-  if kind == 'npz':
-    make_npz(tmp_path / 'data.npz')
-    dataset = f'npz:{tmp_path / "data.npz"}'
-  else:
-    make_folder(tmp_path / 'pets')
-    dataset = f'image_folder:{tmp_path / "pets"}'
+  dataset = own_dataset(tmp_path, kind)
   config = small_config(dataset, num_epochs=2, checkpoint_every_steps=3, checkpoint_keep=10,
                         augment='shift(1)', write_report=False)
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
@@ -270,12 +274,7 @@ def test_npz_without_class_names_numbers_the_classes(tmp_path):
 
 @pytest.mark.parametrize('kind', ['image_folder', 'npz'])
 def test_split_slices_of_own_data(tmp_path, kind):
-  if kind == 'npz':
-    make_npz(tmp_path / 'data.npz')
-    dataset = f'npz:{tmp_path / "data.npz"}'
-  else:
-    make_folder(tmp_path / 'pets')
-    dataset = f'image_folder:{tmp_path / "pets"}'
+  dataset = own_dataset(tmp_path, kind)
   _, splits = input_pipeline.load(dataset, '', ('train', 'train[:90%]', 'train[90%:]',
                                                 'train[-5:]+test[:2]'),
                                   download=False, cache_dir=None)
