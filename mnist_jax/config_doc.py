@@ -216,14 +216,7 @@ def text_table(config_path: str, width: int = 100) -> str:
   rows = table_rows(config_path)
   name_width = max(len(name) for name, _, _ in rows)
   default_width = max(len(default) for _, default, _ in rows)
-  indent = ' ' * (name_width + default_width + 4)
-  lines = []
-  for name, default, meaning in rows:
-    head = f'{name:<{name_width}}  {default:<{default_width}}  '
-    wrapped = textwrap.wrap(meaning, max(width - len(indent), 20)) or ['']
-    lines.append((head + wrapped[0]).rstrip())
-    lines += [indent + more for more in wrapped[1:]]
-  return '\n'.join(lines) + '\n'
+  return _aligned(rows, name_width, default_width, width, margin='')
 
 
 _SECTION_TITLE = re.compile(r'^\s*#\s*---\s*(.*?)\s*-*\s*$')
@@ -259,11 +252,12 @@ def sectioned_text(config_path: str, width: int = 100) -> str:
                    for title, group in sections(config_path))
 
 
-def _aligned(rows, name_width: int, default_width: int, width: int) -> str:
-  indent = ' ' * (name_width + default_width + 6)
+def _aligned(rows, name_width: int, default_width: int, width: int, margin: str = '  ') -> str:
+  """Name, default and meaning columns after `margin`; a long meaning wraps under its column."""
+  indent = ' ' * (len(margin) + name_width + default_width + 4)
   lines = []
   for name, default, meaning in rows:
-    head = f'  {name:<{name_width}}  {default:<{default_width}}  '
+    head = f'{margin}{name:<{name_width}}  {default:<{default_width}}  '
     wrapped = textwrap.wrap(meaning, max(width - len(indent), 20)) or ['']
     lines.append((head + wrapped[0]).rstrip())
     lines += [indent + more for more in wrapped[1:]]
