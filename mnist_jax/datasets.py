@@ -8,15 +8,23 @@ a known prefix is a TFDS dataset (input_pipeline). A source lists its splits and
 says what identifies its data (names, sizes and modification times of what it reads), without
 decoding anything; `decode(split)` returns a whole split as uint8 images [N, H, W, C] and int32
 labels [N]. Slicing ('train[:90%]'), resizing and caching are input_pipeline's.
+
+For input_mode='stream', `reader(split)` opens a split for reading by index instead (an image
+folder's files decoded when asked for, an .npz's arrays memory-mapped), with the same pixels
+`decode` gives; `header_shape(split)` is its images' shape from headers alone (stream.py).
 """
 
 import concurrent.futures
+import dataclasses
 import functools
 import hashlib
+import math
 import os
 import pathlib
+import struct
 import sys
 import time
+import zipfile
 
 import numpy as np
 
@@ -111,13 +119,74 @@ class ImageFolder:
     key = (str(self.root), self.image_size, self.class_names, split, self._stamps[split])
     return f'{self.kind}-{_digest(key)}-{split}'
 
-  def decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-    self.check(split)
+  def files(self, split: str) -> tuple[list[str], np.ndarray]:
+    """The split's image paths, class by class and by name (the order it is read in), and
+    their int32 labels [N]."""
     labels = [(path, self.class_names.index(name))
               for name, paths in self._files[split].items() for path in paths]
-    paths = [path for path, _ in labels]
+    return [path for path, _ in labels], np.array([l for _, l in labels], np.int32)
+
+  def decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    self.check(split)
+    paths, labels = self.files(split)
     images = _decode_images(paths, self.image_size, f'{self.name} {split}')
-    return _stack(images, paths, self.name), np.array([l for _, l in labels], np.int32)
+    return _stack(images, paths, self.name), labels
+
+  def header_shape(self, split: str) -> tuple[int, int, int]:
+    """(H, W, C) of the split's first image, from its header: what `auto` sizes the split by
+    (its other images may differ; `reader` reads every header)."""
+    return _header(self.files(split)[0][0])
+
+  def reader(self, split: str) -> 'FolderReader':
+    """The split read by index. Every image's header is read now (in threads; no pixels), so
+    the split has the size and channels `decode` would give it (3 channels if any image has
+    colour), and images of other sizes are refused now, as `decode` refuses them."""
+    self.check(split)
+    paths, labels = self.files(split)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      shapes = [shape for task in pool.map(lambda task: [_header(p) for p in task],
+                                           _tasks(paths)) for shape in task]
+    print(f'{self.name} {split}: read the headers of {len(paths):,} images in '
+          f'{time.perf_counter() - start:.1f}s (their pixels are decoded as steps need them)',
+          flush=True)
+    if not self.image_size:
+      for shape, path in zip(shapes, paths):
+        if shape[:2] != shapes[0][:2]:
+          raise _size_error(self.name, path, shape, paths[0], shapes[0])
+    channels = max(shape[-1] for shape in shapes)
+    return FolderReader(paths, labels, (*(self.image_size or shapes[0][:2]), channels),
+                        self.image_size, self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderReader:
+  """An image folder's split read by index: each image decoded when asked for, as `decode`
+  decodes it (resized to image_size; gray ones repeated into 3 channels if the split has
+  colour)."""
+  paths: list[str]
+  label: np.ndarray  # [N] int32.
+  image_shape: tuple[int, int, int]
+  image_size: tuple[int, ...]
+  dataset: str
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def images(self, rows_M: np.ndarray) -> np.ndarray:
+    """uint8 images [M, H, W, C] of the split's examples `rows_M`."""
+    images = np.empty((len(rows_M), *self.image_shape), np.uint8)
+    for i, row in enumerate(rows_M):
+      image = _decode_image(self.paths[row], self.image_size)
+      if image.shape[:2] != self.image_shape[:2]:  # The file changed since it was opened.
+        raise _size_error(self.dataset, self.paths[row], image.shape, self.paths[0],
+                          self.image_shape)
+      images[i] = image  # A gray image broadcasts into 3 channels: np.repeat's values.
+    return images
+
+
+def _tasks(paths: list[str]) -> list[list[str]]:
+  return [paths[i:i + _FILES_PER_TASK] for i in range(0, len(paths), _FILES_PER_TASK)]
 
 
 def _decode_images(paths: list[str], image_size: tuple[int, ...], what: str) -> list[np.ndarray]:
@@ -125,7 +194,7 @@ def _decode_images(paths: list[str], image_size: tuple[int, ...], what: str) -> 
   terminal and one line when done."""
   import tqdm  # pylint: disable=g-import-not-at-top  (only when there is something to decode)
   start = time.perf_counter()
-  tasks = [paths[i:i + _FILES_PER_TASK] for i in range(0, len(paths), _FILES_PER_TASK)]
+  tasks = _tasks(paths)
   images = []
   bar = tqdm.tqdm(total=len(paths), desc=f'decoding {what}', unit=' images', leave=False,
                   disable=not sys.stderr.isatty(), file=sys.stderr)
@@ -148,10 +217,34 @@ def _decode_image(path: str, image_size: tuple[int, ...]) -> np.ndarray:
         image = image.resize(image_size[::-1], Image.Resampling.BILINEAR)  # PIL: (W, H).
       array = np.asarray(image, np.uint8)
   except Exception as e:  # pylint: disable=broad-except  (PIL: OSError, SyntaxError, ...)
-    raise errors.UserError(
-        f'cannot decode {path} ({type(e).__name__}: {" ".join(str(e).split()) or "unreadable"}); '
-        'every image is read (none is skipped): replace or delete this file.') from None
+    raise _undecodable(path, e) from None
   return array[..., None] if array.ndim == 2 else array
+
+
+def _header(path: str) -> tuple[int, int, int]:
+  """(H, W, C) of an image as `_decode_image` decodes it (before resizing), from its header
+  alone: PIL reads the pixels only when asked for them."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      return image.height, image.width, 1 if image.mode in _GRAY_MODES else 3
+  except Exception as e:  # pylint: disable=broad-except  (PIL: OSError, SyntaxError, ...)
+    raise _undecodable(path, e) from None
+
+
+def _undecodable(path: str, e: Exception) -> errors.UserError:
+  return errors.UserError(
+      f'cannot decode {path} ({type(e).__name__}: {" ".join(str(e).split()) or "unreadable"}); '
+      'every image is read (none is skipped): replace or delete this file.')
+
+
+def _size_error(dataset: str, path: str, shape: tuple, first: str,
+                first_shape: tuple) -> errors.UserError:
+  (height, width), size = shape[:2], first_shape[:2]
+  return errors.UserError(
+      f'config.dataset={dataset!r}: {path} is {height}x{width} (HxW), '
+      f'but {first} is {size[0]}x{size[1]}; set --config.image_size="({size[0]}, '
+      f'{size[1]})" to resize every image to one size.')
 
 
 def _stack(images: list[np.ndarray], paths: list[str], dataset: str) -> np.ndarray:
@@ -160,10 +253,7 @@ def _stack(images: list[np.ndarray], paths: list[str], dataset: str) -> np.ndarr
   size = images[0].shape[:2]
   for image, path in zip(images, paths):
     if image.shape[:2] != size:
-      raise errors.UserError(
-          f'config.dataset={dataset!r}: {path} is {image.shape[0]}x{image.shape[1]} (HxW), '
-          f'but {paths[0]} is {size[0]}x{size[1]}; set --config.image_size="({size[0]}, '
-          f'{size[1]})" to resize every image to one size.')
+      raise _size_error(dataset, path, image.shape, paths[0], size)
   if any(image.shape[-1] == 3 for image in images):
     images = [np.repeat(image, 3, -1) if image.shape[-1] == 1 else image for image in images]
   return np.stack(images)
@@ -171,17 +261,19 @@ def _stack(images: list[np.ndarray], paths: list[str], dataset: str) -> np.ndarr
 
 def resize_images(images_NxHxWxC: np.ndarray, image_size: tuple[int, ...]) -> np.ndarray:
   """uint8 images resized to image_size (H, W), bilinear, as an image folder's are."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  def one(image_HxWxC):
-    gray = image_HxWxC.shape[-1] == 1
-    resized = Image.fromarray(image_HxWxC[..., 0] if gray else image_HxWxC).resize(
-        image_size[::-1], Image.Resampling.BILINEAR)
-    array = np.asarray(resized, np.uint8)
-    return array[..., None] if gray else array
-
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    return np.stack(list(pool.map(one, images_NxHxWxC)))
+    return np.stack(list(pool.map(lambda image: resize_image(image, image_size),
+                                  images_NxHxWxC)))
+
+
+def resize_image(image_HxWxC: np.ndarray, image_size: tuple[int, ...]) -> np.ndarray:
+  """One uint8 image resized to image_size (H, W), bilinear (PIL)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  gray = image_HxWxC.shape[-1] == 1
+  resized = Image.fromarray(image_HxWxC[..., 0] if gray else image_HxWxC).resize(
+      image_size[::-1], Image.Resampling.BILINEAR)
+  array = np.asarray(resized, np.uint8)
+  return array[..., None] if gray else array
 
 
 class NpzFile:
@@ -267,7 +359,28 @@ class NpzFile:
     return None  # The file is its own cache: reading it back is as fast.
 
   def _decode(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = self._array(f'{split}_images'), self._labels(split)
+    images, labels, what = self._checked(split, self._array(f'{split}_images'))
+    images = _uint8(images, what)
+    self._check_classes(split, labels)
+    return images, labels.astype(np.int32)
+
+  def header_shape(self, split: str) -> tuple[int, int, int]:
+    """(H, W, C) of the split's images, from their .npy header alone."""
+    shape = self._header(f'{split}_images')[0]
+    return (*shape[1:], 1) if len(shape) == 3 else tuple(shape[1:])
+
+  def reader(self, split: str) -> 'NpzReader':
+    """The split read by index: its images memory-mapped from the file, checked now by their
+    .npy header (the float range is checked as they are read); the labels read whole."""
+    images, labels, what = self._checked(split, self._mapped(f'{split}_images'))
+    if images.dtype.kind != 'f':
+      _uint8(images[:0], what)  # Refuses other dtypes than uint8 now, by the header.
+    self._check_classes(split, labels)
+    return NpzReader(images, labels.astype(np.int32), what)
+
+  def _checked(self, split: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Images [N, H, W, C] (C 1 or 3), as many as the labels, and what they hold (for errors)."""
+    labels = self._labels(split)
     what = f'config.dataset={self.name!r}: {split}_images holds {images.dtype}{list(images.shape)}'
     if images.ndim == 3:
       images = images[..., None]
@@ -278,21 +391,102 @@ class NpzFile:
                              'expected one label per image.')
     if not len(images):
       raise errors.UserError(f'{what}: split {split!r} holds no examples.')
-    if images.dtype.kind == 'f':
-      low, high = float(images.min()), float(images.max())
-      if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= 1):
-        raise errors.UserError(f'{what} in [{low:g}, {high:g}]; expected floats in [0, 1] (or '
-                               'uint8 in [0, 255]).')
-      images = np.round(images * 255).astype(np.uint8)
-    elif images.dtype != np.uint8:
-      raise errors.UserError(f'{what}; expected uint8 in [0, 255] or floats in [0, 1] (e.g. '
-                             'images.astype(np.uint8)).')
+    return images, labels, what
+
+  def _check_classes(self, split: str, labels: np.ndarray) -> None:
     top = int(labels.max())
     if top >= len(self.class_names):
       raise errors.UserError(
           f'config.dataset={self.name!r}: {split}_labels holds {top}, but class_names has '
           f'{len(self.class_names)} names: labels must be 0..{len(self.class_names) - 1}.')
-    return images, labels.astype(np.int32)
+
+  def _member(self, key: str) -> zipfile.ZipInfo:
+    if key not in self._arrays:
+      self._array(key)  # Says which arrays there are.
+    with zipfile.ZipFile(self.path) as archive:
+      names = archive.namelist()
+      return archive.getinfo(f'{key}.npy' if f'{key}.npy' in names else key)
+
+  def _header(self, key: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, offset of the data within the member) of array `key`, from
+    its .npy header (read through zipfile: a compressed member inflates only that far)."""
+    info = self._member(key)
+    try:
+      with zipfile.ZipFile(self.path) as archive, archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(member)
+        return shape, fortran, dtype, member.tell()
+    except Exception as e:  # pylint: disable=broad-except  (zipfile, OS, value errors)
+      raise self._damaged(key, e) from None
+
+  def _mapped(self, key: str) -> np.ndarray:
+    """Array `key`, memory-mapped from the file: np.savez stores each array as an .npy file
+    at an offset of the zip (after the member's local header), so nothing is read whole."""
+    member = self._member(key)
+    if member.compress_type != zipfile.ZIP_STORED:
+      raise errors.UserError(
+          f'config.dataset={self.name!r}: {key} in {self.path} is compressed '
+          "(np.savez_compressed), and input_mode='stream' reads images by index, which needs "
+          'them stored: save the file again with np.savez, or use input_mode device or tfdata.')
+    shape, fortran, dtype, data_offset = self._header(key)
+    if dtype.hasobject:
+      raise errors.UserError(f'config.dataset={self.name!r}: {key} in {self.path} cannot be '
+                             'read without pickle (it holds objects); save it as a numeric '
+                             'array.')
+    with open(self.path, 'rb') as f:
+      f.seek(member.header_offset)
+      local = f.read(30)  # A zip local file header: 30 bytes, then the name and extra field.
+    nbytes = math.prod(shape) * dtype.itemsize
+    if len(local) < 30 or local[:4] != b'PK\x03\x04' or data_offset + nbytes != member.file_size:
+      raise self._damaged(key, ValueError('its zip entry does not match its .npy header'))
+    name_length, extra_length = struct.unpack('<HH', local[26:30])
+    offset = member.header_offset + 30 + name_length + extra_length + data_offset
+    if offset + nbytes > self.path.stat().st_size:
+      raise self._damaged(key, EOFError(f'{key} ends past the end of the file'))
+    if not nbytes:
+      return np.zeros(shape, dtype)
+    return np.memmap(self.path, dtype, 'r', offset, shape, 'F' if fortran else 'C')
+
+  def _damaged(self, key: str, e: Exception) -> errors.UserError:
+    return errors.UserError(f'config.dataset={self.name!r}: cannot read {key} in {self.path}: '
+                            f'the file is damaged or cut short ({type(e).__name__}: '
+                            f'{errors.first_line(e) or "unreadable"}); write it again.')
+
+
+@dataclasses.dataclass(frozen=True)
+class NpzReader:
+  """An .npz's split read by index from its memory-mapped images, converted as `decode`
+  converts them."""
+  mapped: np.ndarray  # [N, H, W, C], uint8 or floats in [0, 1].
+  label: np.ndarray  # [N] int32.
+  what: str  # What the images array holds, for errors.
+
+  def __len__(self) -> int:
+    return len(self.label)
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return tuple(self.mapped.shape[1:])
+
+  def images(self, rows_M: np.ndarray) -> np.ndarray:
+    """uint8 images [M, H, W, C] of the split's examples `rows_M`."""
+    return _uint8(np.asarray(self.mapped[rows_M]), self.what)
+
+
+def _uint8(images: np.ndarray, what: str) -> np.ndarray:
+  """uint8 images as they are; floats in [0, 1] as round(x * 255); anything else refused."""
+  if images.dtype.kind == 'f':
+    low, high = float(images.min()), float(images.max())
+    if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= 1):
+      raise errors.UserError(f'{what} in [{low:g}, {high:g}]; expected floats in [0, 1] (or '
+                             'uint8 in [0, 255]).')
+    return np.round(images * 255).astype(np.uint8)
+  if images.dtype != np.uint8:
+    raise errors.UserError(f'{what}; expected uint8 in [0, 255] or floats in [0, 1] (e.g. '
+                           'images.astype(np.uint8)).')
+  return images
 
 
 # What `kind:` before the first ':' of config.dataset names; anything else is a TFDS name.

@@ -1,6 +1,6 @@
 """The executor: the device mesh, the shardings, the jitted chunk functions, and how batches
 reach them (`config.input_mode`: gathered on the device, from tf.data, or streamed from
-ArrayRecord files, `stream.py`).
+ArrayRecord files or own data's files, `stream.py`).
 
 An executor turns the data plan of `input_pipeline` into calls of the jitted chunk functions
 of `steps` (`steps.make_chunk_fns`), for training and for evaluation. Every input mode consumes
@@ -185,9 +185,9 @@ class TfDataExecutor(Executor):
 
 
 class StreamExecutor(Executor):
-  """Batches read and decoded from ArrayRecord files as they are needed (`stream.py`); the
-  host holds a few chunks of steps, never a split. Evaluation and the report's predictions
-  stream the eval split too, a chunk per call."""
+  """Batches read and decoded from ArrayRecord files (or own data's files) as they are needed
+  (`stream.py`); the host holds a few chunks of steps, never a split. Evaluation and the
+  report's predictions stream the eval split too, a chunk per call."""
   IN_FLIGHT = 2  # Train calls dispatched and not yet done, at most (the running one and the next).
 
   @staticmethod

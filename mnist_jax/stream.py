@@ -1,5 +1,6 @@
-"""Stream mode (`config.input_mode='stream'`): examples read by index from ArrayRecord files and
-decoded on the fly; no split is ever held whole in host memory.
+"""Stream mode (`config.input_mode='stream'`): examples read by index from ArrayRecord files (or
+from own data's image files and .npz arrays) and decoded on the fly; no split is ever held
+whole in host memory.
 
 The examples each step reads come from `input_pipeline.batch_plan` (the same per-epoch order
 and masked last batch as the other modes), so a stream run trains exactly as a `device` run
@@ -25,13 +26,30 @@ does, and a resumed run rebuilds its position from the step alone.
   worker process killed by the OS could leave the loop waiting for its batch).
 - Prefetch: tf.data keeps two chunks of steps decoded ahead; the executor puts the next
   chunk on the device while the current one trains (`executor.StreamExecutor`).
+- Own data (`datasets.SOURCES`) is read in place, by index (`datasets.ImageFolder.reader`,
+  `NpzFile.reader`), with the pixels its decoded path gives, so it trains as in device mode.
+  An image folder's files are listed, and their headers (not their pixels) read once, for the
+  split's size and channels; each step's files are decoded when it is planned. An .npz's
+  images are memory-mapped where the zip stores them; a compressed one (np.savez_compressed)
+  cannot be read by index and is refused. Decoding runs in a plain thread pool (DECODERS
+  threads, PREFETCH chunks ahead), not in tf.data: it must be PIL's decoding and resizing, the
+  decoded path's, for the same pixels (TF's JPEG decoder and resize differ), and PIL's
+  decoders (zlib, libjpeg) release the GIL for their work, so plain threads decode in
+  parallel; tf.data's `numpy_function` would run the same Python under the same GIL and add
+  only TensorFlow's import (seconds, ~400 MB) and its error wrapping: here a file that does
+  not decode stops the run with datasets' own line naming it.
 """
 
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import io
 import math
 import os
 import shutil
+import types
 import uuid
 from collections.abc import Iterator
 
@@ -47,6 +65,10 @@ from mnist_jax.infra import errors
 CHUNK_BYTES = 8 << 20
 READERS = int(os.environ.get('READERS', 2))  # Steps whose records are read at once (the GIL is held).
 FOLDER = 'arrayrecord'  # Under the cache dir: converted datasets.
+# Own data: chunks decoded ahead of the one handed out, decoding threads, images a task reads.
+PREFETCH = 2
+DECODERS = int(os.environ.get('DECODERS', os.cpu_count() or 1))
+IMAGES_PER_TASK = 64
 _TMP_PREFIX = '.tmp-'  # A conversion still being written (or killed): never read.
 
 
@@ -113,11 +135,128 @@ class StreamSplit:
   def image(self) -> 'LazyImages':
     return LazyImages(self)
 
+  def batches(self, chunks: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """`host_batches`: the records read by index and decoded in tf.data's threads."""
+    if not chunks:
+      return
+    tf = input_pipeline.tensorflow()
+    k_axis = chunks[0]['mask'].ndim - 2  # Of K in [(N,) K, B].
+    steps_per = chunks[0]['mask'].shape[k_axis]
+    step_shape = chunks[0]['mask'].take(0, k_axis).shape
+    rows_SxM = np.stack([c['index'].take(k, k_axis).reshape(-1)
+                         for c in chunks for k in range(steps_per)])
+    features = self.features
+
+    def decode(records_M):
+      examples = tf.map_fn(features.deserialize_example, records_M,
+                           fn_output_signature=dict(image=tf.uint8, label=tf.int64))
+      return dict(image=examples['image'], label=tf.cast(examples['label'], tf.int32))
+
+    ds = tf.data.Dataset.from_tensor_slices(rows_SxM)
+    ds = ds.map(lambda index: tf.numpy_function(self.records, [index], tf.string,
+                                                stateful=False),
+                num_parallel_calls=READERS, deterministic=True)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = ds.batch(steps_per).prefetch(2).as_numpy_iterator()
+    for chunk in chunks:
+      try:
+        batch = next(batches)
+      except tf.errors.OpError as e:  # Which record? Read the chunk again, one by one.
+        self.read(chunk['index'])
+        raise StreamReadError(f'cannot read split {self.spec!r} ({type(e).__name__}: '
+                              f'{errors.first_line(e)})') from None
+      image = batch['image']
+      if self.image_size and image.shape[-3:-1] != self.image_size:
+        image = datasets.resize_images(image.reshape(-1, *image.shape[-3:]), self.image_size)
+      shape = (steps_per, *step_shape)
+      yield dict(image=np.moveaxis(image.reshape(*shape, *image.shape[-3:]), 0, k_axis),
+                 label=np.moveaxis(batch['label'].reshape(shape), 0, k_axis),
+                 mask=chunk['mask'])
+
+
+@dataclasses.dataclass
+class OwnSplit:
+  """A split of own data (datasets.SOURCES) read by index, as StreamSplit is: `pieces` are the
+  (reader, first, end) slices of the source's splits that the spec ('train[:90%]+test')
+  reads, in order. Its images are `image_shape`: resized to image_size (if set), and gray ones
+  repeated into 3 channels where another split has colour, as input_pipeline conforms them."""
+  spec: str
+  pieces: tuple  # Of (datasets.FolderReader or NpzReader, first row, end row).
+  image_shape: tuple[int, ...]
+  image_size: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    self._ends = np.cumsum([end - first for _, first, end in self.pieces])  # In the spec.
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  @functools.cached_property
+  def label(self) -> np.ndarray:
+    """Every label [N] int32 (the readers hold them: 4 bytes an example)."""
+    return np.concatenate([reader.label[first:end] for reader, first, end in self.pieces])
+
+  @property
+  def image(self) -> 'LazyImages':
+    return LazyImages(self)
+
+  def read(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 images [*index.shape, H, W, C] and int32 labels [*index.shape]."""
+    index = np.asarray(index, np.int64)
+    image = self._images(index.reshape(-1))
+    return dict(image=image.reshape(*index.shape, *self.image_shape), label=self.label[index])
+
+  def _images(self, index_M: np.ndarray) -> np.ndarray:
+    piece_M = np.searchsorted(self._ends, index_M, side='right')
+    images = np.empty((len(index_M), *self.image_shape), np.uint8)
+    for p in np.unique(piece_M):
+      reader, first, end = self.pieces[p]
+      at = piece_M == p
+      start = self._ends[p] - (end - first)  # Where the piece starts in the spec.
+      piece = reader.images(index_M[at] - start + first)
+      if self.image_size and piece.shape[1:3] != self.image_size:
+        piece = np.stack([datasets.resize_image(image, self.image_size) for image in piece])
+      images[at] = piece  # Gray into a colour split: broadcast, np.repeat's values.
+    return images
+
+  def batches(self, chunks: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """`host_batches`: each chunk's images read in DECODERS threads, PREFETCH chunks ahead;
+    an example a chunk holds twice (the padding: example 0) is read once."""
+    with concurrent.futures.ThreadPoolExecutor(DECODERS) as pool:
+
+      def submit(chunk):  # In index order: an image folder's files in their order.
+        unique_U, inverse = np.unique(chunk['index'], return_inverse=True)
+        return chunk, inverse, [pool.submit(self._images, unique_U[i:i + IMAGES_PER_TASK])
+                                for i in range(0, len(unique_U), IMAGES_PER_TASK)]
+
+      ahead = collections.deque(submit(chunk) for chunk in chunks[:PREFETCH + 1])
+      try:
+        for c in range(len(chunks)):
+          chunk, inverse, tasks = ahead.popleft()
+          if c + PREFETCH + 1 < len(chunks):
+            ahead.append(submit(chunks[c + PREFETCH + 1]))
+          image_U = np.concatenate([self._result(task) for task in tasks])
+          yield dict(image=image_U[inverse.reshape(chunk['index'].shape)],
+                     label=self.label[chunk['index']], mask=chunk['mask'])
+      finally:  # Stopped early (an error, or the loop is done): decode nothing more.
+        for _, _, tasks in ahead:
+          for task in tasks:
+            task.cancel()
+
+  def _result(self, task: concurrent.futures.Future) -> np.ndarray:
+    try:
+      return task.result()
+    except errors.UserError:
+      raise  # A file that does not decode, named by datasets.
+    except Exception as e:  # pylint: disable=broad-except  (OS, memory errors, ...)
+      raise StreamReadError(f'cannot read split {self.spec!r} ({type(e).__name__}: '
+                            f'{errors.first_line(e) or "no message"})') from None
+
 
 @dataclasses.dataclass
 class LazyImages:
   """A split's images, read when indexed (report.worst_errors takes a few by index)."""
-  split: StreamSplit
+  split: StreamSplit | OwnSplit
 
   def __len__(self) -> int:
     return len(self.split)
@@ -144,10 +283,11 @@ def decoded_sizes(dataset: str, data_dir: str, specs: tuple[str, ...],
                   image_size: tuple[int, ...] = (), cache_dir: epath.Path | None = None
                   ) -> dict[str, int]:
   """The bytes each split would take decoded, from the dataset's metadata alone (nothing is
-  read); {} where that is not known without decoding (own data, variable image sizes, a
-  dataset not prepared yet)."""
+  read); {} where that is not known without decoding (variable image sizes, a dataset not
+  prepared yet). Own data: from the .npy headers of an .npz (exact), or from the first
+  image's header of an image folder's split times its files (its other images may differ)."""
   if dataset.split(':', 1)[0] in datasets.SOURCES:
-    return {}
+    return _own_sizes(dataset, specs, tuple(image_size))
   try:
     builder = input_pipeline.metadata_builder(dataset, data_dir, cache_dir)
     shape = builder.info.features['image'].shape
@@ -161,17 +301,31 @@ def decoded_sizes(dataset: str, data_dir: str, specs: tuple[str, ...],
     return {}
 
 
+def _own_sizes(dataset: str, specs: tuple[str, ...], image_size: tuple[int, ...]
+               ) -> dict[str, int]:
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):  # The load prints the scan's warnings.
+      source = datasets.find(dataset, image_size)
+    sizes = {}
+    for spec in specs:
+      sizes[spec] = 0
+      for name, first, end in _parts(source, spec):
+        height, width, channels = source.header_shape(name)
+        sizes[spec] += (end - first) * (math.prod(image_size or (height, width)) * channels + 4)
+    return sizes
+  except Exception:  # pylint: disable=broad-except  (open_splits or load then says what is wrong)
+    return {}
+
+
 def open_splits(dataset: str, data_dir: str, specs: tuple[str, ...], *, download: bool,
                 cache_dir: epath.Path | None, image_size: tuple[int, ...] = ()
-                ) -> tuple[input_pipeline.DatasetInfo, dict[str, StreamSplit]]:
-  """The splits of a TFDS dataset, opened for reading by index (converted once if needed)."""
-  if dataset.split(':', 1)[0] in datasets.SOURCES:
-    raise errors.ConfigError(
-        f"input_mode='stream' reads TFDS datasets from ArrayRecord files; own data "
-        f'({dataset.split(":", 1)[0]}:) is decoded whole: use input_mode auto, device or tfdata, '
-        'or store it with tfds.dataset_builders.store_as_tfds_dataset(..., '
-        "file_format='array_record') and name it.")
+                ) -> tuple[input_pipeline.DatasetInfo, dict[str, StreamSplit | OwnSplit]]:
+  """The splits of a TFDS dataset, opened for reading by index (converted once if needed), or
+  of own data (datasets.SOURCES), read where they are."""
   image_size = tuple(image_size)
+  source = datasets.find(dataset, image_size)
+  if source is not None:
+    return _open_own(source, specs, image_size)
   builder = input_pipeline.find_builder(dataset, data_dir, download)
   folder = arrayrecord_folder(builder, cache_dir)
   reader = tfds.builder_from_directory(folder)
@@ -208,6 +362,51 @@ def _open_split(reader, spec: str, image_size: tuple[int, ...]) -> StreamSplit:
   split = StreamSplit(spec, source, labels_source, tuple(files), (), image_size)
   split.image_shape = split.read(np.zeros(1, np.int64))['image'].shape[1:]
   return split
+
+
+def _open_own(source, specs: tuple[str, ...], image_size: tuple[int, ...]
+              ) -> tuple[input_pipeline.DatasetInfo, dict[str, OwnSplit]]:
+  """Own data's split specs, sliced as input_pipeline.load slices them; each of the source's
+  splits they read is opened once, and every image of them gets one shape, as `load` gives."""
+  parts = {spec: _parts(source, spec) for spec in specs}  # Every spec checked first.
+  readers = {name: source.reader(name)
+             for name in dict.fromkeys(name for p in parts.values() for name, _, _ in p)}
+  sizes = {name: image_size or reader.image_shape[:2] for name, reader in readers.items()}
+  (a, size_a), *others = sizes.items()
+  for b, size_b in others:
+    if size_b != size_a:
+      raise errors.UserError(
+          f'{source.name}: the images of split {a!r} are {size_a[0]}x{size_a[1]}, those of '
+          f'{b!r} {size_b[0]}x{size_b[1]} (HxW); set --config.image_size="(H, W)" to resize them '
+          'all to one size.')
+  image_shape = (*size_a, max(reader.image_shape[-1] for reader in readers.values()))
+  splits = {}
+  for spec, spec_parts in parts.items():
+    pieces = tuple((readers[name], first, end) for name, first, end in spec_parts if end > first)
+    if not pieces:
+      raise errors.ConfigError(
+          f'split {spec!r} of {source.name} holds no examples; give config.train_split and '
+          "config.eval_split slices that hold some, e.g. 'test[:1000]' or 'train[90%:]'.")
+    splits[spec] = OwnSplit(spec, pieces, image_shape, image_size)
+  info = input_pipeline.DatasetInfo(source.name, image_shape, len(source.class_names),
+                                    source.class_names, source.identity)
+  return info, splits
+
+
+def _parts(source, spec: str) -> list[tuple[str, int, int]]:
+  """(split, first, end) of each slice of the source's splits that `spec` reads, in order,
+  with TFDS's rounding of percentages (as input_pipeline.load slices own data)."""
+  names = input_pipeline.parse_split(spec, source.split_names, source.name)  # One line if bad.
+  counts = {name: source.split_size(name) for name in names}
+  try:
+    absolute = tfds.core.ReadInstruction.from_spec(spec).to_absolute(
+        {name: types.SimpleNamespace(num_examples=n) for name, n in counts.items()})
+  except (ValueError, TypeError) as e:
+    raise errors.ConfigError(f'split {spec!r} of {source.name} is invalid '
+                             f'({errors.first_line(e)}).') from None
+  rows = [(part.splitname, range(counts[part.splitname])[part.from_:part.to])
+          for part in absolute]
+  return [(name, r.start, r.stop) for name, r in rows]
 
 
 # --- TFRecord -> ArrayRecord, once, atomically -------------------------------------------
@@ -319,46 +518,14 @@ def steps_per_chunk(batch_size: int, image_shape: tuple[int, ...]) -> int:
   return max(1, CHUNK_BYTES // (batch_size * (math.prod(image_shape) + 4)))
 
 
-def host_batches(split: StreamSplit, chunks: list[dict[str, np.ndarray]]
+def host_batches(split: StreamSplit | OwnSplit, chunks: list[dict[str, np.ndarray]]
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """The planned chunks' examples, read by index and decoded in tf.data's threads, prefetched.
+  """The planned chunks' examples, read by index and decoded in threads, prefetched.
 
   Each chunk holds 'index' and 'mask' [(N,) K, B]; yields 'image' [(N,) K, B, H, W, C] uint8,
   'label' [(N,) K, B] int32 and 'mask', as input_pipeline.tf_batches does.
   """
-  if not chunks:
-    return
-  tf = input_pipeline.tensorflow()
-  k_axis = chunks[0]['mask'].ndim - 2  # Of K in [(N,) K, B].
-  steps_per, step_shape = chunks[0]['mask'].shape[k_axis], chunks[0]['mask'].take(0, k_axis).shape
-  rows_SxM = np.stack([c['index'].take(k, k_axis).reshape(-1)
-                       for c in chunks for k in range(steps_per)])
-  features = split.features
-
-  def decode(records_M):
-    examples = tf.map_fn(features.deserialize_example, records_M,
-                         fn_output_signature=dict(image=tf.uint8, label=tf.int64))
-    return dict(image=examples['image'], label=tf.cast(examples['label'], tf.int32))
-
-  ds = tf.data.Dataset.from_tensor_slices(rows_SxM)
-  ds = ds.map(lambda index: tf.numpy_function(split.records, [index], tf.string, stateful=False),
-              num_parallel_calls=READERS, deterministic=True)
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  batches = ds.batch(steps_per).prefetch(2).as_numpy_iterator()
-  for c, chunk in enumerate(chunks):
-    try:
-      batch = next(batches)
-    except tf.errors.OpError as e:  # Which record? Read the chunk again, one by one.
-      split.read(chunk['index'])
-      raise StreamReadError(f'cannot read split {split.spec!r} ({type(e).__name__}: '
-                            f'{errors.first_line(e)})') from None
-    image = batch['image']
-    if split.image_size and image.shape[-3:-1] != split.image_size:
-      image = datasets.resize_images(image.reshape(-1, *image.shape[-3:]), split.image_size)
-    shape = (steps_per, *step_shape)
-    yield dict(image=np.moveaxis(image.reshape(*shape, *image.shape[-3:]), 0, k_axis),
-               label=np.moveaxis(batch['label'].reshape(shape), 0, k_axis),
-               mask=chunk['mask'])
+  return split.batches(chunks)
 
 
 # --- The conversion ahead of a run: `python -m mnist_jax.stream DATASET` ------------------

@@ -203,11 +203,6 @@ def test_a_damaged_record_stops_the_run_naming_the_file(tmp_path):
   assert message.startswith('cannot read example ')
 
 
-def test_own_data_is_refused_in_stream_mode_in_one_line(tmp_path):
-  with pytest.raises(errors.ConfigError, match=r"^input_mode='stream' reads TFDS datasets"):
-    stream.open_splits(f'npz:{tmp_path}/x.npz', '', ('train',), download=False, cache_dir=None)
-
-
 def test_each_process_reads_only_its_columns_of_every_batch(data_dir, monkeypatch):
   # Two processes of a --distributed run, faked: each reads its contiguous block of every
   # global batch's columns (its rows of the plan), and only those records; together, the batch.
