@@ -125,6 +125,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0
   config.checkpoint_keep = 3  # How many of the newest checkpoints to keep.
   config.checkpoint_async = True  # Write checkpoints in the background while training goes on.
+  # In a bucket (gs://, s3://): how long an outage is waited out (TensorStore's retries of
+  # checkpoint reads and writes) before the run stops with one line; the same command then
+  # continues from the last finished checkpoint. Other files' writes give up after ~30 s.
+  config.cloud_retry_seconds = 120.0
 
   # --- Logging ----------------------------------------------------------------------------
   config.write_tensorboard = True  # Also write TensorBoard event files (tensorboardX).

@@ -22,6 +22,10 @@ Crash safety (tests/system/test_crash_safety.py):
   * A save that fails (a full disk, a lost mount) stops the run with one line
     (`CheckpointSaveError`) naming the step, the folder and the newest intact checkpoint;
     Orbax's own tracebacks from its background threads are kept out of the way.
+  * In a bucket, an outage is waited out for `retry_seconds` at most
+    (`config.cloud_retry_seconds`, `storage.bound_retries`), then it is one line naming the
+    outage, from a save or a restore alike; a checkpoint that could not be read for want of
+    the network is never taken for a damaged one.
 """
 
 import contextlib
@@ -70,6 +74,7 @@ STATE, RUN = 'state', 'run'  # The items of a checkpoint.
 RESUMABLE_FIELDS = ('num_epochs', 'eval_split', 'eval_batch_size', 'data_dir', 'download',
                     'cache_dir', 'input_mode', 'input_memory_budget', 'steps_per_call',
                     'scan_unroll', 'checkpoint_every_steps', 'checkpoint_keep', 'checkpoint_async',
+                    'cloud_retry_seconds',
                     'write_tensorboard', 'write_report', 'profile', 'backend_overrides')
 
 
@@ -113,9 +118,12 @@ class Checkpointer:
   """
 
   def __init__(self, directory: epath.Path, *, keep: int, asynchronous: bool = True,
-               read_only: bool = False):
+               read_only: bool = False,
+               retry_seconds: float = storage.DEFAULT_RETRY_SECONDS):
     directory = storage.as_path(directory)
     self.directory = directory if storage.is_remote(directory) else directory.absolute()
+    if storage.is_remote(directory):
+      storage.bound_retries(retry_seconds)
     if not read_only:
       self._remove_unfinished()
     orbax_logs.quiet()
@@ -175,14 +183,18 @@ class Checkpointer:
       yield
     except Exception as e:  # pylint: disable=broad-except
       failed, self._in_flight = step, None
-      intact = [s for s in self.steps() if s < failed]
+      outage = storage.outage(e, self.directory) is not None
+      intact = [] if outage else [s for s in self.steps() if s < failed]  # (Lists the bucket.)
       self._failed = CheckpointSaveError(
-          f'{_save_failure(e)} while saving the checkpoint at step {failed} in '
+          f'{_save_failure(e, self.directory)} while saving the checkpoint at step {failed} in '
           f'{self.directory}; '
-          + (f'the checkpoint at step {intact[-1]} is intact. ' if intact else
+          + ('the checkpoints finished before it are intact. ' if outage else
+             f'the checkpoint at step {intact[-1]} is intact. ' if intact else
              'no earlier checkpoint was finished. ')
-          + 'Fix that, then run the same command again to continue'
-          + (' from it.' if intact else '.'))
+          + ('Run the same command again once the network is back, to continue from the '
+             'newest of them.' if outage else
+             'Fix that, then run the same command again to continue'
+             + (' from it.' if intact else '.')))
       raise self._failed from None
 
   def check_run(self, record: dict) -> dict | None:
@@ -226,6 +238,8 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
       except Exception as e:  # pylint: disable=broad-except
+        if line := storage.describe_error(e, self.directory / str(step)):
+          raise storage.StorageError(line) from None  # The bucket: nothing may be set aside.
         why = f'{type(e).__name__}: {errors.first_line(e)}'
         logging.warning('Checkpoint at step %d in %s cannot be restored (%s); trying an older '
                         'one.', step, self.directory, why)
@@ -298,7 +312,8 @@ class NoCheckpoint(errors.UserError):
   pass
 
 
-def restore_part(directory: epath.Path, part: dict, step: int | None = None) -> tuple[dict, int]:
+def restore_part(directory: epath.Path, part: dict, step: int | None = None, *,
+                 retry_seconds: float = storage.DEFAULT_RETRY_SECONDS) -> tuple[dict, int]:
   """Part of the saved training state, read only: `part` names the `TrainState` fields to read,
   as abstract arrays (e.g. {'params': ..., 'model_state': ...}: a model without its optimizer
   state, for inference), from the newest checkpoint that restores, or from `step`'s.
@@ -307,6 +322,8 @@ def restore_part(directory: epath.Path, part: dict, step: int | None = None) -> 
   """
   directory = storage.as_path(directory)
   directory = directory if storage.is_remote(directory) else directory.absolute()  # (Orbax's.)
+  if storage.is_remote(directory):
+    storage.bound_retries(retry_seconds)
   orbax_logs.quiet()
   manager = ocp.CheckpointManager(
       directory, item_names=(STATE, RUN),
@@ -328,6 +345,8 @@ def restore_part(directory: epath.Path, part: dict, step: int | None = None) -> 
       try:
         restored = manager.restore(candidate, args=ocp.args.Composite(**{STATE: args}))
       except Exception as e:  # pylint: disable=broad-except
+        if line := storage.describe_error(e, directory / str(candidate)):
+          raise storage.StorageError(line) from None  # The bucket, not the checkpoint.
         why = f'{type(e).__name__}: {errors.first_line(e)}'
         if step is not None:
           raise NoCheckpoint(f'the checkpoint at step {step} in {directory} cannot be '
@@ -342,9 +361,11 @@ def restore_part(directory: epath.Path, part: dict, step: int | None = None) -> 
     manager.close()
 
 
-def _save_failure(e: BaseException) -> str:
-  """What went wrong with a save, in a few words: 'no space left on device', or the error's
-  first line."""
+def _save_failure(e: BaseException, directory: epath.Path) -> str:
+  """What went wrong with a save, in a few words: 'no space left on device', the bucket out
+  of reach, or the error's first line."""
+  if line := storage.outage(e, directory):
+    return line
   chain, seen = [], e
   while seen is not None and len(chain) < 10:
     chain.append(seen)

@@ -154,7 +154,9 @@ def load(workdir: str, *, step: int | None = None, replica: int | str | None = N
                                  jnp.int32, sharding=_default_device())
     part = dict(ema=optax.EmaState(count=count, ema=part))
   _check_shapes(workdir, part, step)
-  restored, loaded_step = checkpoint.restore_part(workdir / 'checkpoints', part, step)
+  restored, loaded_step = checkpoint.restore_part(
+      workdir / 'checkpoints', part, step, retry_seconds=float(
+          config.get('cloud_retry_seconds', storage.DEFAULT_RETRY_SECONDS)))
   if weights == 'ema':
     restored = steps.debiased(restored['ema'], decay)  # An EmaState, as the part asked.
   variables = {'params': restored['params'], **restored.get('model_state', {})}

@@ -207,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # any point saves (or has saved) the state, then exits with one line (`_stop`).
   with workdir_lib.guarded(workdir), preemption.Stopper() as stopper:
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.checkpoint_keep,
-                                   asynchronous=config.checkpoint_async)
+                                   asynchronous=config.checkpoint_async,
+                                   retry_seconds=config.cloud_retry_seconds)
     logger = None
     try:
       # --- Restore: the newest valid checkpoint, else the initial state ------------------
@@ -512,7 +513,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   run = setup(config)
   # Read only: another run may be training in this workdir; nothing here is changed.
   ckpt = checkpoint.Checkpointer(storage.as_path(workdir) / 'checkpoints',
-                                 keep=config.checkpoint_keep, read_only=True)
+                                 keep=config.checkpoint_keep, read_only=True,
+                                 retry_seconds=config.cloud_retry_seconds)
   try:
     _, loop = _restore(run, ckpt)
   finally:

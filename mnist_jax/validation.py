@@ -128,6 +128,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('checkpoint_every_steps', _is_int_at_least_0,
      'an integer >= 0 (0: at the end of every epoch)'),
     ('checkpoint_keep', _is_positive_int, 'an integer > 0'),
+    ('cloud_retry_seconds', _is_positive_number, 'seconds, a finite number > 0'),
     ('num_seeds', _is_positive_int, 'an integer > 0'),
     ('steps_per_call', _is_int_at_least_0, 'an integer >= 0 (0: an epoch)'),
     ('scan_unroll', _is_positive_int, 'an integer > 0'),

@@ -27,7 +27,9 @@ process only, the GCS behaviour the tests rely on:
   * `deny(bucket, status)`: answer every request on that bucket with GCS's 401 or 403 JSON
     error, which the emulator cannot produce (it has no IAM);
   * `outage()`: stop listening (clients get "connection refused") and come back on the same
-    port with the same objects, to test a network failure mid-run.
+    port with the same objects, to test a network failure mid-run; `outage_at(prefix)`
+    starts one at the first request that writes an object under `prefix` (that request gets
+    a 503), to cut a save off halfway.
 Everything else is the emulator's own behaviour.
 """
 
@@ -88,6 +90,9 @@ class GcsEmulator:
     self._server = None
     self._down = False
     self._outage_lock = threading.Lock()
+    self.outage_prefix: str | None = None  # `outage_at`: the writes that start an outage.
+    self.outage_started = threading.Event()
+    self._stopping: threading.Thread | None = None
 
   def env(self) -> dict[str, str]:
     return dict(STORAGE_EMULATOR_HOST=self.url, TENSORSTORE_GCS_HTTP_URL=self.url,
@@ -113,6 +118,7 @@ class GcsEmulator:
     """Back to one empty bucket, nothing denied (between tests sharing one server)."""
     self._server._storage.wipe()
     self.denied.clear()
+    self.outage_prefix = None
     self.create_bucket(self.bucket)
     forget_cached_clients()
 
@@ -150,10 +156,29 @@ class GcsEmulator:
     finally:
       self.end_outage()
 
+  def outage_at(self, prefix: str, methods: tuple[str, ...] = ('POST', 'PUT')) -> None:
+    """Starts an outage (until `end_outage()`) at the first request of `methods` (writes, by
+    default) on an object whose name starts with `prefix`: that request is answered 503, and
+    the server stops listening."""
+    self.outage_started.clear()
+    self.outage_methods = methods
+    self.outage_prefix = prefix
+
+  def _start_outage_now(self) -> None:
+    self.outage_prefix = None
+    self._down = True
+    self.outage_started.set()
+    # Not from the request's own thread: stopping waits for the request to finish.
+    self._stopping = threading.Thread(target=self._server.stop, daemon=True)
+    self._stopping.start()
+
   def end_outage(self) -> None:
     with self._outage_lock:
       if not self._down:
         return
+      if self._stopping:
+        self._stopping.join()
+        self._stopping = None
       for _ in range(50):  # The port can take a moment to be free again.
         try:
           self._listen()
@@ -234,6 +259,13 @@ def _guarded(handler, *, target_bucket_key='bucket_name'):
       _write_error(response, status, _ERROR_MESSAGES[status],
                    'required' if status == 401 else 'forbidden')
       return None
+    if (emulator and emulator.outage_prefix is not None
+        and request.method in emulator.outage_methods):
+      name = _target_name(request)
+      if name and name.startswith(emulator.outage_prefix):
+        emulator._start_outage_now()
+        _write_error(response, 503, 'Service unavailable (an outage, for a test).', 'backendError')
+        return None
     match, not_match = _query(request, 'ifGenerationMatch'), _query(request, 'ifGenerationNotMatch')
     if match is not None or not_match is not None:
       target_bucket = request.params.get(target_bucket_key) or bucket

@@ -15,6 +15,9 @@ Object stores differ from a file system in ways the run has to respect; the help
   * Folders do not exist: `mkdir` does nothing, and an empty 'folder' does not exist.
   * A missing bucket, missing credentials, a permission error or the network: `check_access`
     and `cloud_errors` turn each into one line naming the fix (`StorageError`).
+  * An outage is waited out for a bounded time only: gcsfs (every file but the checkpoints'
+    arrays) gives up after 6 tries, ~30 s; TensorStore (Orbax's array reads and writes) would
+    retry for ~15 minutes, and `bound_retries` holds it to `config.cloud_retry_seconds`.
 
 Importing this module makes etils use gcsfs, not TensorFlow's tf.io.gfile, for gs:// paths
 (EPATH_USE_TF=false: TensorFlow costs seconds to import, and its GCS client ignores
@@ -243,13 +246,15 @@ class ObjectAppender:
     return len(data)
 
   def flush(self) -> None:
-    if not self.closed and self._flushed != len(self._data):
+    if not self.closed and self._flushed != len(self._data) and not offline():
       self.path.write_bytes(bytes(self._data))
       self._flushed = len(self._data)
 
   def close(self) -> None:
-    self.flush()
-    self.closed = True
+    try:
+      self.flush()
+    finally:
+      self.closed = True  # Also when the flush failed: never tried again (at exit, say).
 
   def __enter__(self):
     return self
@@ -396,7 +401,7 @@ class WorkdirLock:
     return time.time() - float(holder.get('heartbeat', 0)) > float(holder.get('lease_s', 0))
 
   def _heartbeat(self) -> None:
-    while not self._stop.wait(self.lease_s / 4):
+    while not self._stop.wait(self.lease_s / 4) and not offline():
       try:
         if _generation(self.path) != self._generation:
           logging.warning('The workdir lock %s was taken over; stopping its heartbeat.',
@@ -412,7 +417,7 @@ class WorkdirLock:
     if self._thread:
       self._thread.join()
       self._thread = None
-    if self._generation is not None:
+    if self._generation is not None and not offline():
       with contextlib.suppress(Exception):  # Not deleted: it goes stale after lease_s.
         delete_if_generation(self.path, self._generation)
       self._generation = None
@@ -482,9 +487,26 @@ def _missing_bucket(bucket: str) -> str:
 
 def _unreachable(path: Any, cause: str) -> str:
   endpoint = os.environ.get('STORAGE_EMULATOR_HOST') or 'storage.googleapis.com'
-  return (f'cannot reach Cloud Storage ({endpoint}) for {os.fspath(path)}: {cause}. What is '
-          'already in the bucket (the last finished checkpoint included) is intact: run the '
-          'same command again to continue once the network is back.')
+  return f'cannot reach Cloud Storage ({endpoint}) for {os.fspath(path)}: {cause}'
+
+
+# Set once an outage outlasted the retries: the run is stopping, and its last best-effort
+# writes to the bucket (the logs' final flush, the lock's release) are skipped instead of
+# each waiting out the retries again; what they would have written, the rerun writes.
+_offline = threading.Event()
+
+
+def offline() -> bool:
+  return _offline.is_set()
+
+
+def outage(e: BaseException, path: Any) -> str | None:
+  """'cannot reach Cloud Storage (<endpoint>) for <path>: <cause>' when `e` is a network
+  failure on an object-storage path (which then sets `offline()`); else None."""
+  if not is_remote(path) or not _is_network_error(e):
+    return None
+  _offline.set()
+  return _unreachable(path, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -492,7 +514,38 @@ def _is_network_error(e: BaseException) -> bool:
   network = {'ClientConnectorError', 'ClientConnectorDNSError', 'ClientOSError',
              'ServerDisconnectedError', 'ConnectionError', 'ConnectionRefusedError',
              'ConnectionResetError', 'gaierror', 'TimeoutError', 'ServerTimeoutError'}
-  return bool(names & network) or bool(re.match(r'(UNAVAILABLE|DEADLINE_EXCEEDED)', str(e)))
+  # TensorStore, out of retries: 'ABORTED: All 8 retry attempts failed: CURL error ...'.
+  return bool(names & network) or any(
+      re.match(r'(UNAVAILABLE|DEADLINE_EXCEEDED)', str(x)) or 'CURL error' in str(x)
+      for x in _chain(e))
+
+
+# TensorStore's backoff: 1 s, doubling, at most 32 s between tries (its defaults).
+_FIRST_DELAY_S, _MAX_DELAY_S = 1, 32
+DEFAULT_RETRY_SECONDS = 120.0  # config.cloud_retry_seconds's default.
+
+
+def bound_retries(seconds: float) -> int:
+  """Makes TensorStore, which reads and writes Orbax's checkpoint arrays on gs:// and s3://,
+  give up on an unreachable bucket after retrying for about `seconds` (its default, 32 tries,
+  waits ~15 minutes); returns the number of tries.
+
+  Orbax builds a TensorStore context for every save and restore from one module-level
+  default (`tensorstore_utils.get_ts_context`), which has no option for this: the retry
+  resources are added to that default.
+  """
+  tries, waited = 0, 0.0
+  while waited < seconds:
+    waited += min(_FIRST_DELAY_S * 2 ** tries, _MAX_DELAY_S)
+    tries += 1
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
+  retries = {'max_retries': max(tries, 1), 'initial_delay': f'{_FIRST_DELAY_S}s',
+             'max_delay': f'{_MAX_DELAY_S}s'}
+  for default in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
+                  tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
+    default['gcs_request_retries'] = dict(retries)
+    default['s3_request_retries'] = dict(retries)
+  return max(tries, 1)
 
 
 def _chain(e: BaseException):
@@ -516,9 +569,10 @@ def describe_error(e: BaseException, path: Any) -> str | None:
     return f'{os.fspath(path)}: {_NO_CREDENTIALS}'
   if status == 403 or 'Forbidden' in text or 'PERMISSION_DENIED' in text:
     return _permission_denied(bucket)
-  if _is_network_error(e):
-    cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return _unreachable(path, cause)
+  if outage(e, path):
+    return (f'{outage(e, path)}. What is already in the bucket (the last finished checkpoint '
+            'included) is intact: run the same command again to continue once the network is '
+            'back.')
   return None
 
 

@@ -99,6 +99,38 @@ def test_a_killed_run_resumes_from_the_bucket_bit_identical(lab):
   assert no_local_gs_folder()
 
 
+def test_an_outage_during_the_last_save_is_one_line_and_the_rerun_continues(lab):
+  """The bucket goes away halfway through the final checkpoint's arrays: TensorStore gives up
+  after config.cloud_retry_seconds (4 s here; its own default retries ~15 minutes), the run
+  stops with one line, and once the bucket is back the same command resumes from the
+  epoch before and ends as the uninterrupted run."""
+  gcs, runner = lab['gcs'], lab['runner']
+  args = lab['args'](cloud_retry_seconds=4)
+  gcs.outage_at(f'outage/checkpoints/{2 * cu.STEPS_PER_EPOCH}/state/')
+  try:
+    cut = runner.run('gs://bkt/outage', args)
+  finally:
+    gcs.end_outage()
+  assert gcs.outage_started.is_set()
+  assert cut.returncode == 1, cut.explain()
+  assert not cut.has_traceback(), cut.explain()
+  [line] = cut.error_lines()
+  assert line.startswith(f'error: cannot reach Cloud Storage ({gcs.url}) for '
+                         'gs://bkt/outage/checkpoints'), line
+  assert line.endswith('Run the same command again once the network is back, to continue '
+                       'from the newest of them.'), line
+  print(f'the cut run took {cut.seconds:.1f} s')
+  assert cut.seconds < 90, cut.explain()  # Unbounded, TensorStore retries for ~15 minutes.
+  finished = [int(n.split('/')[2]) for n in gcs.objects('outage/checkpoints/')
+              if n.endswith('/commit_success.txt') and n.count('/') == 3]
+  assert max(finished) < 2 * cu.STEPS_PER_EPOCH, finished
+  resumed = runner.run('gs://bkt/outage', args)
+  assert resumed.returncode == 0, resumed.explain()
+  assert resumed.resumed_from() == max(finished)
+  assert (bucket_json(gcs, 'outage/summary.json')['param_fingerprint']
+          == lab['local']['param_fingerprint'])
+
+
 def test_a_second_run_in_the_same_bucket_path_is_refused(lab):
   gcs, runner, base = lab['gcs'], lab['runner'], lab['base']
   release = base / 'release'

@@ -391,3 +391,93 @@ def test_a_long_outage_is_one_line_and_keeps_the_bucket(gcs):
   assert '\n' not in str(e.value)
   assert 20 < seconds < 120  # gcsfs retries 6 times, backing off, before it gives up.
   assert gcs.objects('run/') == {'run/summary.json': b'before'}
+
+
+# --- An outage under Orbax: TensorStore's retries, bounded (config.cloud_retry_seconds) ----
+
+def test_bound_retries_sums_tensorstores_backoff_to_the_bound():
+  assert storage.bound_retries(4) == 3  # 1 + 2 + 4 s.
+  assert storage.bound_retries(120) == 8  # 1 + 2 + 4 + 8 + 16 + 32 + 32 + 32 s.
+  assert storage.bound_retries(0.5) == 1
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
+  for default in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
+                  tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
+    assert default['gcs_request_retries'] == {'max_retries': 1, 'initial_delay': '1s',
+                                              'max_delay': '32s'}
+  storage.bound_retries(storage.DEFAULT_RETRY_SECONDS)
+
+
+@pytest.fixture
+def quick_gcsfs_retries(monkeypatch):
+  """gcsfs's backoff between its 6 tries (0.5-1.5 s, doubling: ~30 s in all) 20x shorter, so
+  that what an outage test waits for is TensorStore's bound, not gcsfs's own."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from gcsfs import retry  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(retry, 'asyncio', types.SimpleNamespace(
+      sleep=lambda seconds: asyncio.sleep(seconds / 20)))
+
+
+def _checkpointed(directory):
+  """A Checkpointer in the bucket with step 1 finished, and the state it saved."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mnist_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  state = {'w': jnp.arange(3000, dtype=jnp.float32).reshape(30, 100)}
+  ckpt = checkpoint.Checkpointer(directory, keep=3, retry_seconds=4)
+  ckpt.save(1, state, {'run': 1})
+  ckpt.wait()
+  return ckpt, state
+
+
+@pytest.mark.slow
+def test_an_outage_while_a_checkpoint_is_written_is_one_line_within_the_bound(
+    gcs, quick_gcsfs_retries):
+  from mnist_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt, state = _checkpointed('gs://bkt/run/checkpoints')
+  gcs.outage_at('run/checkpoints/2/state/')  # Cut off halfway through step 2's arrays.
+  start = time.perf_counter()
+  with pytest.raises(checkpoint.CheckpointSaveError) as e:
+    ckpt.save(2, state, {'run': 1})
+    ckpt.wait()
+  seconds = time.perf_counter() - start
+  assert gcs.outage_started.is_set()
+  assert str(e.value).startswith(f'cannot reach Cloud Storage ({gcs.url}) for '
+                                 'gs://bkt/run/checkpoints: ')
+  assert str(e.value).endswith(
+      'while saving the checkpoint at step 2 in gs://bkt/run/checkpoints; the checkpoints '
+      'finished before it are intact. Run the same command again once the network is back, '
+      'to continue from the newest of them.')
+  assert '\n' not in str(e.value)
+  assert seconds < 30, seconds  # TensorStore's 4 s bound (1 + 2 + 4 s); unbounded, ~15 min.
+  gcs.end_outage()
+  again = checkpoint.Checkpointer('gs://bkt/run/checkpoints', keep=3, retry_seconds=4)
+  assert again.steps() == [1]  # Step 2 was never finished: removed at the start.
+  restored, step = again.restore_latest(state)
+  assert step == 1 and (restored['w'] == state['w']).all()
+
+
+@pytest.mark.slow
+def test_an_outage_while_a_checkpoint_is_read_is_one_line_and_sets_nothing_aside(
+    gcs, quick_gcsfs_retries):
+  from mnist_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt, state = _checkpointed('gs://bkt/run/checkpoints')
+  ckpt.save(2, state, {'run': 1})
+  ckpt.wait()
+  reader = checkpoint.Checkpointer('gs://bkt/run/checkpoints', keep=3, retry_seconds=4)
+  gcs.outage_at('run/checkpoints/2/state/d/', methods=('GET',))  # Its arrays (TensorStore).
+  start = time.perf_counter()
+  with pytest.raises(storage.StorageError) as e:
+    reader.restore_latest(state)
+  seconds = time.perf_counter() - start
+  assert gcs.outage_started.is_set()
+  assert str(e.value).startswith(f'cannot reach Cloud Storage ({gcs.url}) for '
+                                 'gs://bkt/run/checkpoints/2: ')
+  assert str(e.value).endswith('run the same command again to continue once the network is '
+                               'back.')
+  assert seconds < 30, seconds  # TensorStore's 4 s bound; without one, it retries ~15 min.
+  gcs.end_outage()
+  # Step 2 is not taken for a damaged checkpoint: nothing is set aside, and it restores.
+  assert not gcs.objects('run/checkpoints.unreadable/')
+  again = checkpoint.Checkpointer('gs://bkt/run/checkpoints', keep=3, retry_seconds=4)
+  assert again.steps() == [1, 2]
+  assert again.restore_latest(state)[1] == 2
