@@ -204,8 +204,9 @@ class StreamExecutor(Executor):
                               stream.steps_per_chunk(self.batch_size, self.train.image_shape))
     eval_plan = input_pipeline.batch_plan(np.arange(len(self.eval), dtype=np.int32),
                                           len(self.eval_chunks[0]['mask'][0]))
-    self.eval_chunks = input_pipeline.chunk_plan(eval_plan, stream.steps_per_chunk(
-        eval_plan['mask'].shape[1], self.eval.image_shape))
+    per_chunk = stream.steps_per_chunk(eval_plan['mask'].shape[1], self.eval.image_shape)
+    # No more steps than the split has: a small split is not padded out to a whole chunk.
+    self.eval_chunks = input_pipeline.chunk_plan(eval_plan, min(per_chunk, len(eval_plan['mask'])))
 
   def _batches(self, split, chunks, batch_axis=None):
     """(None, batch on the device) per chunk; the next chunk is put before one is handed out,

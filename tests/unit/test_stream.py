@@ -88,8 +88,9 @@ def test_stream_calls_hold_at_most_a_chunk_of_examples(data_dir, monkeypatch):
                                    download=False, cache_dir=None)
   streaming = executor('stream', streamed, steps_per_call=0)  # 0: an epoch a call, if it fit.
   assert streaming.steps_per_call == 3 and streaming.steps_per_epoch == 4
-  # Eval batches of 8 (a third of the bytes): 6 steps a chunk; 21 examples take 3 steps.
-  assert [c['mask'].shape for c in streaming.eval_chunks] == [(6, 8)]
+  # Eval batches of 8 (a third of the bytes): 6 steps would fit a chunk, but 21 examples take
+  # 3 steps, and the chunk is not padded out with 3 more (each would read example 0 8 times).
+  assert [c['mask'].shape for c in streaming.eval_chunks] == [(3, 8)]
   assert streaming.eval_chunks[0]['mask'].sum() == NUM_TEST
 
 
