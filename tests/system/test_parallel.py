@@ -169,7 +169,10 @@ def launched(tmp_path_factory):
       jobs = [dict(name='device', argv=argv),
               dict(name='tfdata', workdir=str(pair['workdirs']['tfdata']),
                    overrides=overrides('tfdata')),
-              dict(name='own', workdir=str(root / 'multi_own'), overrides=own)]
+              dict(name='own', workdir=str(root / 'multi_own'), overrides=own),
+              # Streamed: each process reads (memory-maps) only its columns of each batch.
+              dict(name='own_stream', workdir=str(root / 'multi_own_stream'),
+                   overrides=dict(own, input_mode='stream'))]
       child = parallel_utils.start(
           f'process{process_id}', dict(out=str(pair['out']), num_examples=NUM_EXAMPLES, jobs=jobs),
           parallel_utils.child_env(MULTI_PROCESS_DEVICES, root / 'cache_multi'), logs)
@@ -339,6 +342,19 @@ def test_two_processes_train_your_own_data_as_one(finished_pair, data_parallel):
     assert run['process_count'] == 2
     assert_same_training(run, single)
     assert_same_params(params(finished_pair['out'], 'own', process_index),
+                       params(data_parallel['out1'], 'own'))
+
+
+def test_two_processes_streaming_your_own_data_train_as_one_device_mode_process(
+    finished_pair, data_parallel):
+  single = result(data_parallel['out1'], 'own')
+  assert single['summary']['input_mode'] == 'device'
+  for process_index in range(2):
+    run = result(finished_pair['out'], 'own_stream', process_index)
+    assert run['exit_code'] == 0, run['error']
+    assert run['process_count'] == 2 and run['summary']['input_mode'] == 'stream'
+    assert_same_training(run, single)
+    assert_same_params(params(finished_pair['out'], 'own_stream', process_index),
                        params(data_parallel['out1'], 'own'))
 
 
