@@ -462,7 +462,7 @@ def _install_hooks(spec: dict, log) -> None:
     first = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
     if nan:
       state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
-    plan = args[-1]
+    plan = next(a for a in reversed(args) if isinstance(a, dict))  # The chunk (its mask).
     mask = np.asarray(jax.device_get(plan['mask']))
     mask = mask.reshape(-1, *mask.shape[-2:])[0]
     index = None

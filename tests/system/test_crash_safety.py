@@ -44,7 +44,9 @@ class Lab:
     self.cache = cache  # Shared compilation cache: only the first run compiles.
 
   def args(self, **overrides):
-    return cu.config_args(self.cache, **overrides)
+    """The tiny job's run.py flags; '{base}' in a value is this lab's folder."""
+    return cu.config_args(self.cache, **{
+        k: v.format(base=self.base) if isinstance(v, str) else v for k, v in overrides.items()})
 
   def scenario(self, name, starts, *, args=None, args_per_start=None, before_start=None):
     """Starts run.py in one workdir once per item of `starts` (a tuple of faults each).
@@ -76,6 +78,19 @@ def _corrupt_newest(i, workdir):
     shutil.copytree(workdir, workdir.parent / 'all_corrupt_workdir')  # For the next scenario.
     target = cu.data_files(newest)[0]
     target.write_bytes(target.read_bytes()[:target.stat().st_size // 2])
+
+
+# The tiny job's examples as your own data (NUM_EXAMPLES random digits a split).
+OWN = dict(dataset='npz:{base}/own.npz')
+OWN_STREAM = dict(OWN, input_mode='stream')
+
+
+def _write_own_npz(path):
+  rng = np.random.default_rng(0)
+  np.savez(path, **{f'{split}_{what}': (
+      rng.integers(0, 256, (cu.NUM_EXAMPLES, 28, 28), dtype=np.uint8) if what == 'images'
+      else rng.integers(0, 10, cu.NUM_EXAMPLES)) for split in ('train', 'test')
+                    for what in ('images', 'labels')})
 
 
 SCENARIOS = {
@@ -123,12 +138,20 @@ SCENARIOS = {
     # Promise 1 for a sweep of two learning rates x two seeds (one vmapped program).
     'sweep_reference': dict(starts=[()], args=cu.SWEEP),
     'sweep_kill': dict(starts=[(Fault('before_commit', 3),), ()], args=cu.SWEEP),
+    # input_mode=stream (your own data, an .npz the lab writes: memory-mapped, read by index):
+    # SIGTERM and Ctrl-C mid-epoch, and the NaN guard; against the same data in device mode.
+    'stream_device': dict(starts=[()], args=dict(OWN, input_mode='device')),
+    'stream_reference': dict(starts=[()], args=OWN_STREAM),
+    'stream_sigterm': dict(starts=[(Fault('train_call', 4, 'TERM'),), ()], args=OWN_STREAM),
+    'stream_ctrl_c': dict(starts=[(Fault('train_call', 4, 'INT'),), ()], args=OWN_STREAM),
+    'stream_lr_explodes': dict(starts=[()], args=dict(OWN_STREAM, learning_rate=1e30)),
 }
 
 
 @pytest.fixture(scope='module')
 def lab(tmp_path_factory, compile_cache):
   base = tmp_path_factory.mktemp('crash')
+  _write_own_npz(base / 'own.npz')
   return Lab(base, cu.Runner(base / 'logs'), compile_cache)
 
 
@@ -458,6 +481,33 @@ def test_sigterm_before_training_is_one_line(runs):
   assert_finished_like(run, get(runs, 'reference'))
 
 
+@pytest.mark.parametrize('name, signal_name, status', [('stream_sigterm', 'SIGTERM', 143),
+                                                      ('stream_ctrl_c', 'SIGINT (Ctrl-C)', 130)])
+def test_stream_mode_stops_on_a_signal_and_resumes_bit_identical(runs, name, signal_name,
+                                                                 status):
+  run = get(runs, name)
+  stopped, restart = run['starts']
+  result = stopped['result']
+  assert result.returncode == status, result.explain()
+  assert not result.has_traceback(), result.explain()
+  assert result.error_lines() == [
+      f'error: {signal_name}: saved the checkpoint at step 7 in '
+      f'{run["workdir"] / "checkpoints"}; run again with the same --workdir to continue from it.']
+  assert stopped['steps'][-1] == 7 and stopped['tmp'] == []
+  assert restart['result'].resumed_from() == 7
+  assert_finished_like(run, get(runs, 'stream_reference'))
+
+
+def test_stream_mode_trains_as_device_mode_on_the_same_data(runs):
+  stream, device = (cu.read_json(get(runs, n)['workdir'] / 'summary.json')
+                    for n in ('stream_reference', 'stream_device'))
+  assert (stream['input_mode'], device['input_mode']) == ('stream', 'device')
+  assert stream['param_fingerprint'] == device['param_fingerprint']
+  assert stream['test_accuracy'] == device['test_accuracy']
+  assert cu.read_json(get(runs, 'stream_reference')['state']) == cu.read_json(
+      get(runs, 'stream_device')['state'])
+
+
 # --- 5. NaN / Inf: stop naming the metric and step; no checkpoint of the bad state -----------
 
 def _restore_raw(workdir, step):
@@ -472,7 +522,8 @@ def _first_bad_step(record):
 
 # nan_injected: the NaN parameters spoil step 6 (and 7). lr_explodes: step 1's update at a
 # learning rate of 1e30 makes the parameters huge, so step 2's loss is NaN.
-@pytest.mark.parametrize('name, bad', [('nan_injected', 6), ('lr_explodes', 2)])
+@pytest.mark.parametrize('name, bad', [('nan_injected', 6), ('lr_explodes', 2),
+                                       ('stream_lr_explodes', 2)])
 def test_non_finite_loss_stops_without_saving_it(runs, name, bad):
   run = get(runs, name)
   start = run['starts'][0]
