@@ -6,15 +6,19 @@ r"""input_mode=stream against device, measured: peak host memory as the dataset 
 1. Memory. A 4x-MNIST training set (240,000 examples: MNIST's training records four times
    over, in ArrayRecord, with MNIST's test split) is written into a temporary TFDS data dir.
    configs/mlp.py then trains one epoch on MNIST and on the 4x set, in stream and in device
-   mode (and in stream mode with MALLOC_ARENA_MAX=2: glibc's malloc held to 2 arenas), each
-   run a fresh process (`run.py`) in a fresh workdir; its peak RSS comes from `os.wait4` in a
-   small launcher (see LAUNCHER), with RssAnon and RssFile's peaks sampled from /proc. What
-   grows from MNIST to the 4x set is the mode's cost of the data: device mode holds the decoded split
-   (47 MB for MNIST, 188 MB for 4x) in host arrays and again in the (CPU) device's buffers;
-   stream mode holds a few chunks of steps. MNIST's ArrayRecord copy and both datasets' decoded
-   caches are prepared first (in this process), so no measured run converts or decodes whole.
+   mode (and in stream mode with MALLOC_ARENA_MAX=2: glibc's malloc held to 2 arenas, for
+   comparison with what stream mode sets itself, process.return_freed_chunks), each run a
+   fresh process (`run.py`)
+   in a fresh workdir, --memory_repeats times (alternated; the growth is of the medians: which
+   thread frees a chunk into which arena varies from run to run); its peak RSS comes from
+   `os.wait4` in a small launcher (see LAUNCHER), with RssAnon and RssFile's peaks sampled from
+   /proc. What grows from MNIST to the 4x set is the mode's cost of the data: device mode holds
+   the decoded split (47 MB for MNIST, 188 MB for 4x) in host arrays and again in the (CPU)
+   device's buffers; stream mode holds a few chunks of steps. MNIST's ArrayRecord copy and both
+   datasets' decoded caches are prepared first (in this process), so no measured run converts
+   or decodes whole.
 2. Speed. The steady (second) epoch of configs/cnn.py and of configs/mlp.py, in device and
-   stream mode, run alternately (device, stream, device, stream, ...) so that a busy host slows
+   stream mode, run alternately (device, stream, stream, device, ...) so that a busy host slows
    both alike; the ratio is stream's steady epoch time over device's, per pair and the median.
 
 Prints one JSON line per measurement and writes them all to --out.
@@ -102,14 +106,15 @@ while True:
   except (OSError, ValueError):
     pass
   time.sleep(0.05)
-open(sys.argv[1], 'w').write(json.dumps(dict(maxrss_kb=usage.ru_maxrss, **peak)))
+open(sys.argv[1], 'w').write(json.dumps(dict(maxrss_kb=usage.ru_maxrss,
+                                             cpu_s=usage.ru_utime + usage.ru_stime, **peak)))
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
 def run(config: str, workdir: pathlib.Path, *flags: str, env: dict | None = None) -> dict:
-  """run.py in a fresh process and a fresh workdir (no resume): its peak RSS (MB), wall time
-  and metrics.jsonl records."""
+  """run.py in a fresh process and a fresh workdir (no resume): its peak RSS (MB), CPU and wall
+  time and metrics.jsonl records."""
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(workdir, ignore_errors=True)
   command = [sys.executable, str(REPO / 'run.py'), f'--config={REPO / config}',
@@ -126,6 +131,7 @@ def run(config: str, workdir: pathlib.Path, *flags: str, env: dict | None = None
   peak = json.loads(peak_file.read_text())
   return dict(peak_rss_mb=peak['maxrss_kb'] / 1024, peak_anon_mb=peak['anon_kb'] / 1024,
               peak_file_mb=peak['file_kb'] / 1024, wall_s=time.perf_counter() - start,
+              cpu_s=peak['cpu_s'],
               epoch_seconds=[r['epoch_seconds'] for r in records],
               fingerprint=summary['param_fingerprint'], input_mode=summary['input_mode'],
               test_accuracy=summary['test_accuracy'])
@@ -141,6 +147,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default=str(REPO / 'benchmarks/results/cpu-2026-12-04-stream.json'))
   parser.add_argument('--pairs', type=int, default=2, help='device/stream pairs per config')
+  parser.add_argument('--memory_repeats', type=int, default=1,
+                      help='runs of each memory measurement (the growth is of the medians)')
   parser.add_argument('--speed_configs', default='configs/mlp.py,configs/cnn.py')
   parser.add_argument('--parts', default='memory,speed', help='what to measure')
   parser.add_argument('--tmp', default=None, help='scratch folder (default: a new temp dir)')
@@ -171,28 +179,33 @@ def main() -> None:
                   stream_arenas_2=('stream', dict(MALLOC_ARENA_MAX='2')))
   if 'memory' not in args.parts:
     variants = {}
-  for name, data_dir in data_dirs.items():
-    for variant, (mode, env) in variants.items():
-      measured = run('configs/mlp.py', tmp / f'memory-{name}-{variant}', *common,
-                     f'--config.data_dir={data_dir}', f'--config.input_mode={mode}',
-                     '--config.num_epochs=1', env=env)
-      memory[name, variant] = measured
-      emit(results, step='memory', dataset=name, mode=variant, env=env, **measured)
+  for repeat in range(args.memory_repeats):
+    for name, data_dir in data_dirs.items():
+      for variant, (mode, env) in variants.items():
+        measured = run('configs/mlp.py', tmp / f'memory-{name}-{variant}', *common,
+                       f'--config.data_dir={data_dir}', f'--config.input_mode={mode}',
+                       '--config.num_epochs=1', env=env)
+        memory.setdefault((name, variant), []).append(measured)
+        emit(results, step='memory', dataset=name, mode=variant, env=env, repeat=repeat,
+             **measured)
+
+  def median(name, mode, key):
+    return statistics.median(m[key] for m in memory[name, mode])
+
   for mode in variants:
     emit(results, step='memory_growth', mode=mode,
-         train_examples=(60_000, TIMES * 60_000),
-         peak_rss_mb=(memory['mnist', mode]['peak_rss_mb'],
-                      memory['mnist_4x', mode]['peak_rss_mb']),
-         growth_mb=memory['mnist_4x', mode]['peak_rss_mb'] - memory['mnist', mode]['peak_rss_mb'],
-         anon_growth_mb=(memory['mnist_4x', mode]['peak_anon_mb']
-                         - memory['mnist', mode]['peak_anon_mb']),
-         file_growth_mb=(memory['mnist_4x', mode]['peak_file_mb']
-                         - memory['mnist', mode]['peak_file_mb']))
+         train_examples=(60_000, TIMES * 60_000), repeats=args.memory_repeats,
+         peak_rss_mb=(median('mnist', mode, 'peak_rss_mb'),
+                      median('mnist_4x', mode, 'peak_rss_mb')),
+         **{f'{kind}growth_mb': (median('mnist_4x', mode, f'peak_{key}_mb')
+                                 - median('mnist', mode, f'peak_{key}_mb'))
+            for kind, key in (('', 'rss'), ('anon_', 'anon'), ('file_', 'file'))})
 
   for config in args.speed_configs.split(',') if 'speed' in args.parts else ():
     steady = {'device': [], 'stream': []}
     for pair in range(args.pairs):
-      for mode in ('device', 'stream'):
+      # Each pair's first run swapped from pair to pair: a run after a run is not favoured.
+      for mode in ('device', 'stream') if pair % 2 == 0 else ('stream', 'device'):
         measured = run(config, tmp / f'speed-{pathlib.Path(config).stem}-{mode}-{pair}', *common,
                        f'--config.data_dir={mnist_dir}', f'--config.input_mode={mode}',
                        '--config.num_epochs=2', '--config.write_report=False')
@@ -201,7 +214,8 @@ def main() -> None:
     ratios = [s / d for s, d in zip(steady['stream'], steady['device'])]
     emit(results, step='speed_ratio', config=config, steady_device_s=steady['device'],
          steady_stream_s=steady['stream'], stream_over_device=ratios,
-         median_ratio=statistics.median(ratios))
+         median_ratio=statistics.median(ratios), min_ratio=min(ratios), max_ratio=max(ratios),
+         load_average=os.getloadavg())
 
   from mnist_jax import writers  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(args.out)

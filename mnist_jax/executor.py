@@ -26,6 +26,7 @@ from mnist_jax import input_pipeline
 from mnist_jax import metrics
 from mnist_jax import steps
 from mnist_jax import stream
+from mnist_jax.infra import process
 
 # 'auto' keeps the dataset on the device when it takes at most this many bytes.
 RESIDENT_MAX_BYTES = 1 << 30
@@ -202,6 +203,9 @@ class StreamExecutor(Executor):
     # Calls of at most a chunk of decoded examples (the same steps, so the same result).
     self.steps_per_call = min(self.steps_per_call,
                               stream.steps_per_chunk(self.batch_size, self.train.image_shape))
+    chunk_bytes = self.steps_per_call * self.batch_size * (math.prod(self.train.image_shape) + 4)
+    if chunk_bytes >= process.CHUNK_MMAP_THRESHOLD:  # Freed chunks go back to the system.
+      process.return_freed_chunks()
     eval_plan = input_pipeline.batch_plan(np.arange(len(self.eval), dtype=np.int32),
                                           len(self.eval_chunks[0]['mask'][0]))
     per_chunk = stream.steps_per_chunk(eval_plan['mask'].shape[1], self.eval.image_shape)

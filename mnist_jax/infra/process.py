@@ -47,6 +47,37 @@ def use_cpu_xla_flags(environ=os.environ) -> list[str]:
   return added
 
 
+# glibc's malloc serves a large block from the arena of the thread that asks for it, once its
+# dynamic mmap threshold has risen to the size of the first large block freed (up to 32 MB),
+# and an arena keeps what is freed below its trim threshold (twice that). Stream mode's chunks
+# (stream.CHUNK_BYTES of decoded examples, 8 MB for configs/mlp.py) are allocated by tf.data's
+# and XLA's threads, up to 16 arenas on 2 cores, and each arena that once held one keeps ~11 MB
+# free: the more chunks an epoch has, the more arenas, so host memory grew with the dataset
+# (configs/mlp.py, MNIST against 4x MNIST, one epoch: +96 MB of peak RSS, all of it free
+# memory in 15 arenas, read from malloc_info). A fixed threshold gives blocks this large their
+# own mapping, returned when freed: -6 MB. It must stay above the blocks a program reuses at
+# every call (XLA's activations: with 4 MB, configs/cnn.py's 12.8 MB ones cost 13% more CPU),
+# so stream mode sets it only when its chunks are at least this large.
+CHUNK_MMAP_THRESHOLD = 4 << 20
+_M_MMAP_THRESHOLD = -3  # <malloc.h>
+
+
+def return_freed_chunks(threshold: int = CHUNK_MMAP_THRESHOLD, environ=os.environ) -> bool:
+  """Has glibc's malloc map blocks of `threshold` bytes and more on their own, and unmap them
+  when freed (see above); returns whether it did. Nothing is done without glibc's mallopt
+  (musl, macOS), or where the user chose (MALLOC_MMAP_THRESHOLD_, or an allocator in
+  LD_PRELOAD). Process-wide; it takes effect for later allocations, from any thread."""
+  if 'MALLOC_MMAP_THRESHOLD_' in environ or 'LD_PRELOAD' in environ:
+    return False
+  import ctypes  # pylint: disable=g-import-not-at-top
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  return mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+
+
 # Log lines meant for TFDS's developers, not for a user of a prepared dataset: a version folder
 # without metadata (TFDS looks in each candidate folder before it finds or misses the data; a
 # missing dataset is run.py's one error line) and its own mock data calling a deprecated field.
