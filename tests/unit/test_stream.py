@@ -82,6 +82,25 @@ def test_stream_reads_the_planned_batches_of_device_mode(data_dir):
       streamed['train'].image[[7, 0, 49]], train_split.image[[7, 0, 49]])
 
 
+def test_batches_are_tfds_own_decoding_of_the_records(data_dir, monkeypatch):
+  # The batched parse and decode (and the records read by ArrayRecord's readers directly) give
+  # exactly what TFDS's data source decodes; and so does the example-by-example fallback.
+  _, streamed = stream.open_splits('tiny_ar', str(data_dir), ('train', 'test[5:]'),
+                                   download=False, cache_dir=None)
+  rng = np.random.default_rng(4)
+  for split in streamed.values():
+    chunks = [dict(index=rng.integers(0, len(split), (3, 2, 8)), mask=np.ones((3, 2, 8)))]
+    expected = split.read(chunks[0]['index'])
+    for fast in (True, False):
+      if not fast:  # Features with no batched parse: deserialize_example, one by one.
+        monkeypatch.setattr(stream, 'batch_specs', lambda features, tf: None)
+      batch, = stream.host_batches(split, chunks)
+      assert batch['image'].dtype == np.uint8 and batch['label'].dtype == np.int32
+      np.testing.assert_array_equal(batch['image'], expected['image'])
+      np.testing.assert_array_equal(batch['label'], expected['label'])
+    monkeypatch.undo()
+
+
 def test_stream_calls_hold_at_most_a_chunk_of_examples(data_dir, monkeypatch):
   monkeypatch.setattr(stream, 'CHUNK_BYTES', 3 * BATCH_SIZE * (H * W + 4))
   _, streamed = stream.open_splits('tiny_ar', str(data_dir), ('train', 'test'),
@@ -281,13 +300,14 @@ def test_a_decode_worker_that_dies_stops_the_run_in_one_line(data_dir, tmp_path,
   calls = [0]
   original = stream.StreamSplit.records
 
-  def dies_on_the_third_step(self, index_M):
+  # Records are read a chunk at a time: this dies in the first epoch's second (of two).
+  def dies_on_the_second_chunk(self, index_M):
     calls[0] += 1
-    if calls[0] == 3:
+    if calls[0] == 2:
       raise MemoryError('worker killed')
     return original(self, index_M)
 
-  monkeypatch.setattr(stream.StreamSplit, 'records', dies_on_the_third_step)
+  monkeypatch.setattr(stream.StreamSplit, 'records', dies_on_the_second_chunk)
   config = config_for(data_dir, input_mode='stream', num_epochs=1)
   with pytest.raises(stream.StreamReadError) as raised:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
