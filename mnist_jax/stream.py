@@ -67,9 +67,10 @@ from mnist_jax.infra import errors
 CHUNK_BYTES = 8 << 20
 READERS = int(os.environ.get('READERS', 2))  # Chunks read at once (each holds the GIL).
 FOLDER = 'arrayrecord'  # Under the cache dir: converted datasets.
-# Own data: chunks decoded ahead of the one handed out, decoding threads, images a task reads.
-PREFETCH = 2
+# Chunks decoded at once (tf.data's map, or own data's thread pool); own data: chunks decoded
+# ahead of the one handed out, images a task reads.
 DECODERS = int(os.environ.get('DECODERS', os.cpu_count() or 1))
+PREFETCH = 2
 IMAGES_PER_TASK = 64
 _TMP_PREFIX = '.tmp-'  # A conversion still being written (or killed): never read.
 
@@ -169,8 +170,13 @@ class StreamSplit:
     ds = ds.map(lambda index: tf.numpy_function(self.records, [index], tf.string,
                                                 stateful=False),
                 num_parallel_calls=READERS, deterministic=True)
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    batches = ds.prefetch(2).as_numpy_iterator()
+    ds = ds.map(decode, num_parallel_calls=DECODERS, deterministic=True)
+    # A fixed pipeline: with tf.data's autotuning on, about a third of configs/cnn.py's stream
+    # runs settled into steady epochs of ~21 s instead of ~14 s, the process idle for a third
+    # of the time (its CPU time the same); with it off, 6 runs of 6 took 13.6-14.9 s.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    batches = ds.prefetch(2).with_options(options).as_numpy_iterator()
     for chunk in chunks:
       try:
         batch = next(batches)
