@@ -183,10 +183,10 @@ class Checkpointer:
       yield
     except Exception as e:  # pylint: disable=broad-except
       failed, self._in_flight = step, None
-      outage = storage.outage(e, self.directory) is not None
+      outage = storage.outage(e, self.directory)
       intact = [] if outage else [s for s in self.steps() if s < failed]  # (Lists the bucket.)
       self._failed = CheckpointSaveError(
-          f'{_save_failure(e, self.directory)} while saving the checkpoint at step {failed} in '
+          f'{outage or _save_failure(e)} while saving the checkpoint at step {failed} in '
           f'{self.directory}; '
           + ('the checkpoints finished before it are intact. ' if outage else
              f'the checkpoint at step {intact[-1]} is intact. ' if intact else
@@ -361,11 +361,9 @@ def restore_part(directory: epath.Path, part: dict, step: int | None = None, *,
     manager.close()
 
 
-def _save_failure(e: BaseException, directory: epath.Path) -> str:
-  """What went wrong with a save, in a few words: 'no space left on device', the bucket out
-  of reach, or the error's first line."""
-  if line := storage.outage(e, directory):
-    return line
+def _save_failure(e: BaseException) -> str:
+  """What went wrong with a save, in a few words: 'no space left on device', or the error's
+  first line."""
   chain, seen = [], e
   while seen is not None and len(chain) < 10:
     chain.append(seen)

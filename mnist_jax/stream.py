@@ -108,12 +108,15 @@ class StreamSplit:
         str(filename), options='readahead_buffer_size:0', file_reader_buffer_size=32768)
                  for filename, _, _ in self.files)
 
+  @functools.cached_property
+  def _file_ends(self) -> np.ndarray:
+    return np.array([end for _, _, end in self.files])
+
   def records(self, index_M: np.ndarray) -> np.ndarray:
     """The serialized examples [M] at `index_M`, undecoded (tf.data decodes them)."""
     index_M = np.asarray(index_M, np.int64).reshape(-1)
     try:
-      ends = np.array([end for _, _, end in self.files])
-      file_M = np.searchsorted(ends, index_M, side='right')
+      file_M = np.searchsorted(self._file_ends, index_M, side='right')
       records_M = np.empty(len(index_M), object)
       for f in np.unique(file_M):
         at = file_M == f

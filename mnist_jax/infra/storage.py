@@ -569,8 +569,8 @@ def describe_error(e: BaseException, path: Any) -> str | None:
     return f'{os.fspath(path)}: {_NO_CREDENTIALS}'
   if status == 403 or 'Forbidden' in text or 'PERMISSION_DENIED' in text:
     return _permission_denied(bucket)
-  if outage(e, path):
-    return (f'{outage(e, path)}. What is already in the bucket (the last finished checkpoint '
+  if line := outage(e, path):
+    return (f'{line}. What is already in the bucket (the last finished checkpoint '
             'included) is intact: run the same command again to continue once the network is '
             'back.')
   return None
