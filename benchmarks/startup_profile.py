@@ -4,6 +4,8 @@ r"""Where a warm `python run.py` process spends its time, start to exit. Prints 
   python benchmarks/startup_profile.py --rounds=5 --cache_dir=/tmp/h27/cache
   python benchmarks/startup_profile.py --keras_python=/tmp/keras-venv/bin/python \
       --json_out=benchmarks/results/cpu-startup.json       # and Keras 3 on JAX beside it
+  git worktree add --detach /tmp/base 4ec1d53
+  python benchmarks/startup_profile.py --baseline_repo=/tmp/base  # and an older commit's run.py
 
 A warm run reuses the decoded data and the compiled programs (JAX's persistent compilation
 cache) that an earlier run left in the cache: a first, untimed run in `--cache_dir` (default: a
@@ -21,7 +23,10 @@ round, so a host whose speed drifts slows both sides alike):
     the table's last line is the driver's own cost: its wall time against the plain run's;
   * with --keras_python (a Python with keras and jax, no TensorFlow needed), the Keras notebook
     on Keras 3's JAX backend (`KERAS_BACKEND=jax benchmarks/reference_keras.py`): wall time,
-    fit seconds, test accuracy; and the ratio of run.py's wall time to it.
+    fit seconds, test accuracy; and the ratio of run.py's wall time to it;
+  * with --baseline_repo (another checkout, e.g. the commit before a change), its `python
+    run.py`, in its own warm cache: wall time and train_seconds, and the ratio of the two
+    overheads (wall time less train_seconds).
 
 The phases: interpreter start (to the driver's first line), imports (run.py's module level,
 less the config table its --help text builds), flags and the config file, JAX's backend start,
@@ -313,6 +318,9 @@ flags.DEFINE_string('idx_dir', '', "The MNIST IDX files for Keras ('': reference
                     'default, ../shared/data/mnist_idx next to the checkout).')
 flags.DEFINE_bool('importtime', True, 'Also one run under `python -X importtime` (after the '
                   'warm-up): import self time per top-level package.')
+flags.DEFINE_string('baseline_repo', '', "Another checkout of mnist_jax (a `git worktree` of an "
+                    "older commit): its `python run.py`, timed as the plain run is, alternated with "
+                    "the other sides, its own cache beside --cache_dir ('': not run).")
 flags.DEFINE_string('json_out', '', 'Also write the JSON object to this file.')
 FLAGS = flags.FLAGS
 
@@ -335,11 +343,15 @@ def _process(command: list[str], env: dict, cwd: pathlib.Path) -> dict:
               stderr=stderr)
 
 
-def _run_py_command(workdir: pathlib.Path, driver_out: pathlib.Path | None = None) -> list[str]:
-  flags_ = [f'--config={FLAGS.config}', f'--workdir={workdir}']
+def _run_py_command(workdir: pathlib.Path, driver_out: pathlib.Path | None = None,
+                    repo: pathlib.Path = REPO) -> list[str]:
+  config = pathlib.Path(FLAGS.config).resolve()
+  if repo != REPO and config.is_relative_to(REPO):
+    config = repo / config.relative_to(REPO)  # The baseline's own copy of the config.
+  flags_ = [f'--config={config}', f'--workdir={workdir}']
   if driver_out:
     return [sys.executable, __file__, _DRIVER, str(driver_out), *flags_]
-  return [sys.executable, str(REPO / 'run.py'), *flags_]
+  return [sys.executable, str(repo / 'run.py'), *flags_]
 
 
 def _summary(workdir: pathlib.Path) -> dict:
@@ -348,10 +360,11 @@ def _summary(workdir: pathlib.Path) -> dict:
               test_accuracy=summary['test_accuracy'])
 
 
-def plain_run(env: dict, scratch: pathlib.Path) -> dict:
+def plain_run(env: dict, scratch: pathlib.Path, repo: pathlib.Path = REPO) -> dict:
   workdir = pathlib.Path(tempfile.mkdtemp(dir=scratch))
-  result = _process(_run_py_command(workdir), env, REPO)
+  result = _process(_run_py_command(workdir, repo=repo), env, repo)
   row = dict(wall_s=result['wall_s'], peak_rss_mb=result['peak_rss_mb'], **_summary(workdir))
+  row['overhead_s'] = row['wall_s'] - row['train_s']
   shutil.rmtree(workdir)
   return row
 
@@ -471,6 +484,9 @@ def print_table(result: dict) -> None:
   for r in result['plain']:
     print(f"  run.py         {r['wall_s']:6.2f} s wall, train_seconds {r['train_s']:.2f}, "
           f"test acc {r['test_accuracy']:.4f}")
+  for r in result.get('baseline', []):
+    print(f"  baseline       {r['wall_s']:6.2f} s wall, train_seconds {r['train_s']:.2f}, "
+          f"test acc {r['test_accuracy']:.4f}")
   for r in result.get('keras', []):
     print(f"  {r['framework']:14s} {r['wall_s']:6.2f} s wall, fit {r['fit_s']:.2f} s, "
           f"test acc {r['test_accuracy']:.4f}")
@@ -483,6 +499,11 @@ def print_table(result: dict) -> None:
     print(f"run.py / Keras on JAX, training (train_seconds / fit): {ratio['train']:.2f}x; per "
           f"round {rounds(ratio['train_per_round'])}, median "
           f"{ratio['train_median_of_rounds']:.2f}x")
+  if result.get('overhead'):
+    o = result['overhead']
+    print(f"overhead (wall - train_seconds): run.py {o['run_py_s']:.2f} s, baseline "
+          f"{o['baseline_s']:.2f} s ({FLAGS.baseline_repo}): {o['ratio']:.2f}x; per round "
+          f"{', '.join(f'{x:.2f}' for x in o['ratio_per_round'])}")
 
 
 def main(argv):
@@ -496,12 +517,18 @@ def main(argv):
   result['warmup'] = [plain_run(env, scratch)]
   if FLAGS.keras_python:
     keras_run(env)
+  baseline = pathlib.Path(FLAGS.baseline_repo).resolve() if FLAGS.baseline_repo else None
+  baseline_env = dict(env, MNIST_JAX_CACHE=str(cache) + '-baseline')
+  if baseline:
+    plain_run(baseline_env, scratch, baseline)
   if FLAGS.importtime:
     result['imports'] = import_costs(env, scratch)
   sides = [('plain', lambda: plain_run(env, scratch)),
            ('profiled', lambda: profiled_run(env, scratch))]
   if FLAGS.keras_python:
     sides.append(('keras', lambda: keras_run(env)))
+  if baseline:
+    sides.append(('baseline', lambda: plain_run(baseline_env, scratch, baseline)))
   rows = collections.defaultdict(list)
   for i in range(FLAGS.rounds):
     for name, side in (sides if i % 2 == 0 else sides[::-1]):
@@ -524,6 +551,13 @@ def main(argv):
         whole_process_median_of_rounds=statistics.median(per_round),
         train=result['plain_train_s_median'] / result['keras_fit_s_median'],
         train_per_round=train_per_round, train_median_of_rounds=statistics.median(train_per_round))
+  if rows['baseline']:
+    ours = [r['overhead_s'] for r in rows['plain']]
+    theirs = [r['overhead_s'] for r in rows['baseline']]
+    result['overhead'] = dict(run_py_s=statistics.median(ours),
+                              baseline_s=statistics.median(theirs),
+                              ratio=statistics.median(ours) / statistics.median(theirs),
+                              ratio_per_round=[a / b for a, b in zip(ours, theirs)])
   shutil.rmtree(scratch, ignore_errors=True)  # Workdirs, and the cache unless --cache_dir.
   print_table(result)
   print(json.dumps(result))
