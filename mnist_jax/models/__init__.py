@@ -33,14 +33,32 @@ see Linen's `init` / `apply` and plain dicts of arrays.
 """
 
 import importlib
+import inspect
 import pkgutil
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mnist_jax.infra import errors
-from mnist_jax.models import _nnx
+
+def _nnx_adapter(cls: type):
+  """models/_nnx.py when `cls` is an NNX module class, else None. flax.nnx (~0.1 s to import)
+  is imported only by a run whose model uses it: a class that subclasses nnx.Module has
+  imported it already."""
+  nnx = sys.modules.get('flax.nnx')
+  if nnx is None or not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
+    return None
+  from mnist_jax.models import _nnx  # pylint: disable=g-import-not-at-top
+  return _nnx
+
+
+def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+  adapter = _nnx_adapter(cls)
+  return (adapter.constructor_parameters(cls) if adapter
+          else dict(inspect.signature(cls).parameters))
+
 
 # Initializers in jax.nn.initializers that are init functions themselves, not factories.
 _PLAIN_INITIALIZERS = ('zeros', 'ones')
@@ -57,7 +75,7 @@ def module_class(name: str) -> type:
   if not hasattr(module, 'Model'):
     raise errors.ConfigError(f'{where} defines no Model (a flax.linen or flax.nnx Module).')
   cls = module.Model
-  if not (isinstance(cls, type) and (issubclass(cls, nn.Module) or _nnx.is_nnx(cls))):
+  if not (isinstance(cls, type) and (issubclass(cls, nn.Module) or _nnx_adapter(cls))):
     raise errors.ConfigError(f'{where} defines Model as {cls!r}, which is neither a '
                              'flax.linen.Module nor a flax.nnx.Module class.')
   return cls
@@ -73,7 +91,7 @@ def check(model_config) -> None:
   fields = dict(model_config)
   name = fields.pop('name')
   cls = module_class(name)
-  parameters = _nnx.constructor_parameters(cls)
+  parameters = _constructor_parameters(cls)
   takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
   where = f'models.{name}.Model'
   for field in fields:
@@ -92,7 +110,7 @@ def check(model_config) -> None:
       raise errors.ConfigError(f'config.model.{arg} is missing: {where} needs it.')
   if 'num_classes' not in parameters and not takes_any:
     raise errors.ConfigError(f'{where} is invalid: its constructor must take num_classes.')
-  if _nnx.is_nnx(cls) and 'rngs' not in parameters and not takes_any:
+  if _nnx_adapter(cls) and 'rngs' not in parameters and not takes_any:
     raise errors.ConfigError(f'{where} is invalid: an NNX Model must take rngs (nnx.Rngs).')
 
 
@@ -103,7 +121,7 @@ def build(model_config, num_classes: int, dtype: str = 'float32'):
   fields = dict(model_config)
   name = fields.pop('name')
   cls = module_class(name)
-  if 'dtype' in _nnx.constructor_parameters(cls):
+  if 'dtype' in _constructor_parameters(cls):
     fields['dtype'] = jnp.dtype(dtype)
   else:
     warn_unless_typed(cls, name, dtype)
@@ -113,7 +131,7 @@ def build(model_config, num_classes: int, dtype: str = 'float32'):
 def warn_unless_typed(cls: type, name: str, dtype: str) -> bool:
   """True, after one warning line, when `dtype` is not float32 and the Model takes none: it
   still trains, in float32. False when the Model takes a `dtype` (or float32 is asked)."""
-  if 'dtype' in _nnx.constructor_parameters(cls):
+  if 'dtype' in _constructor_parameters(cls):
     return False
   if jnp.dtype(dtype) != jnp.float32:
     print(f'warning: config.compute_dtype={dtype!r}, but the model {name!r} takes no `dtype` '
@@ -142,8 +160,9 @@ def warn_if_padding_in_statistics(name: str, takes_mask: bool, model_state: dict
 def create(cls: type, num_classes: int, **fields):
   """A Linen `Model` built with these arguments, or an NNX one wrapped (models/_nnx.py), with
   the same `init` and `apply`; it is built by `init`, once the image shape is known."""
-  if _nnx.is_nnx(cls):
-    return _nnx.wrap(cls, dict(num_classes=num_classes, **fields))
+  adapter = _nnx_adapter(cls)
+  if adapter:
+    return adapter.wrap(cls, dict(num_classes=num_classes, **fields))
   return cls(num_classes=num_classes, **fields)
 
 
