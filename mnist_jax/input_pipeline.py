@@ -20,12 +20,17 @@ import sys
 import types
 import concurrent.futures
 import functools
+import importlib.metadata
 from collections.abc import Iterator
 
 from absl import logging
 from etils import epath
+from etils import epy
 import numpy as np
-import tensorflow_datasets as tfds  # Imports TensorFlow lazily, when it first needs it.
+
+with epy.lazy_imports():  # Imported at first use (~0.15 s): a warm run of a TFDS dataset whose
+  # metadata an earlier run kept (`_Seen`) and whose splits are cached never imports it.
+  import tensorflow_datasets as tfds  # It imports TensorFlow lazily, when it first needs it.
 
 from mnist_jax import datasets
 from mnist_jax.infra import errors
@@ -156,6 +161,8 @@ def parse_split(spec: str, split_names: tuple[str, ...], dataset: str) -> list[s
 def _instruction(spec: str, split_names: tuple[str, ...], dataset: str):
   """A TFDS split spec ('train', 'train[:90%]', 'train[:100]+test') parsed, and the names of
   the splits it reads."""
+  if spec in split_names:  # A whole split: what TFDS's instruction would give, without TFDS.
+    return _WholeSplit(spec), [spec]
   try:
     instruction = tfds.core.ReadInstruction.from_spec(spec)
     names = [part.splitname for part in instruction.to_absolute(
@@ -163,6 +170,17 @@ def _instruction(spec: str, split_names: tuple[str, ...], dataset: str):
   except (ValueError, TypeError) as e:
     raise _invalid_split(spec, dataset, split_names, e) from None
   return instruction, list(dict.fromkeys(names))
+
+
+@dataclasses.dataclass(frozen=True)
+class _WholeSplit:
+  """The instruction of a spec that names one whole split, as tfds.core.ReadInstruction's
+  `to_absolute` gives it: [(splitname, from_=0, to=its size)]."""
+  splitname: str
+
+  def to_absolute(self, counts: dict) -> list[types.SimpleNamespace]:
+    return [types.SimpleNamespace(splitname=self.splitname, from_=0,
+                                  to=counts[self.splitname].num_examples)]
 
 
 def _read_spec(spec: str, instruction, names: list[str], split_names: tuple[str, ...], read,
@@ -263,25 +281,95 @@ def _unknown_dataset(dataset: str, data_dir: str | None) -> errors.ConfigError:
 
 def _builder_as_before(dataset: str, data_dir: str | None, cache_dir: epath.Path | None):
   """`_builder`, or, where an earlier run with this cache found the dataset prepared and its
-  files are unchanged, the same builder read from its folder (~0.01 s). tfds.builder imports
-  every dataset module TFDS registers first (0.2-0.4 s a run). The folder's builder is used
-  only if its cache key (files, sizes, times) is the one the registered builder gave."""
+  files are unchanged, what that run kept of its metadata (`_Seen`, ~1 ms, without importing
+  TFDS). tfds.builder imports every dataset module TFDS registers first (0.2-0.4 s a run). The
+  kept metadata is used only if its cache key (files, sizes, times) is the one the registered
+  builder gave."""
   memo = cache_dir and cache_dir / 'data' / f'tfds-builder-{_digest(dataset, data_dir)}.json'
   try:
     seen = json.loads(memo.read_text()) if memo and memo.exists() else None
     if seen and sorted(os.listdir(pathlib.Path(seen['folder']).parent)) == seen['siblings']:
-      builder = tfds.builder_from_directory(seen['folder'])
+      if 'metadata' in seen:
+        builder = _Seen(seen['folder'], **seen['metadata'])
+      else:  # Kept by an older version: read from its folder (imports TFDS), kept again below.
+        builder = tfds.builder_from_directory(seen['folder'])
       if builder.is_prepared() and _cache_key(builder) == seen['cache_key']:
+        if 'metadata' not in seen:
+          _remember(memo, builder)
         return builder
   except Exception:  # pylint: disable=broad-except  (any doubt: the registered builder)
     pass
   builder = _builder(dataset, data_dir)
   if memo and builder.is_prepared():
-    folder = pathlib.Path(builder.data_dir)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_json_atomic(memo, dict(folder=str(folder), cache_key=_cache_key(builder),
-                                         siblings=sorted(os.listdir(folder.parent))))
+    _remember(memo, builder)
   return builder
+
+
+def _remember(memo: epath.Path, builder) -> None:
+  """Keeps in `memo` what `_Seen` needs of a prepared builder's metadata."""
+  folder, info = pathlib.Path(builder.data_dir), builder.info
+  image, label = info.features['image'], info.features['label']
+  metadata = dict(name=builder.name, version=str(info.version),
+                  image_shape=list(image.shape), num_classes=label.num_classes,
+                  label_names=list(label.names),
+                  splits={name: int(split.num_examples) for name, split in info.splits.items()})
+  memo.parent.mkdir(parents=True, exist_ok=True)
+  storage.write_json_atomic(memo, dict(folder=str(folder), cache_key=_cache_key(builder),
+                                       siblings=sorted(os.listdir(folder.parent)),
+                                       metadata=metadata))
+
+
+class _Seen:
+  """A prepared TFDS builder's metadata as an earlier run found it: name, version, image
+  shape, label classes, split sizes, its folder. Anything else (decoding a split, whose cache
+  is missing or damaged; a sliced split's info) is asked of the builder read from its folder
+  (`tfds.builder_from_directory`, which imports TFDS), the first time it is needed."""
+
+  def __init__(self, folder: str, *, name: str, version: str, image_shape: list,
+               num_classes: int, label_names: list, splits: dict[str, int]):
+    self.name, self.data_dir = name, folder
+    self.info = _SeenInfo(
+        self, version=version,
+        features={'image': types.SimpleNamespace(shape=tuple(image_shape)),
+                  'label': types.SimpleNamespace(num_classes=num_classes,
+                                                 names=list(label_names))},
+        splits=_SeenSplits({name: _count(n) for name, n in splits.items()}, self))
+
+  def is_prepared(self) -> bool:
+    return True  # Checked by the cache key: the prepared files are those seen.
+
+  @functools.cached_property
+  def builder(self):
+    return tfds.builder_from_directory(self.data_dir)
+
+  def __getattr__(self, name):  # What is not kept: the real builder's.
+    if name == 'builder':
+      raise AttributeError(name)
+    return getattr(self.builder, name)
+
+
+class _SeenInfo(types.SimpleNamespace):
+  """The kept part of `builder.info`; any other field (file_format, ...) is the real one's."""
+
+  def __init__(self, seen: _Seen, **kept):
+    super().__init__(**kept)
+    self._seen = seen
+
+  def __getattr__(self, name):
+    if name.startswith('_'):
+      raise AttributeError(name)
+    return getattr(self._seen.builder.info, name)
+
+
+class _SeenSplits(dict):
+  """Split name -> its size; any other key (a slice, 'train[:10%]') is the real builder's."""
+
+  def __init__(self, counts: dict, seen: _Seen):
+    super().__init__(counts)
+    self.seen = seen
+
+  def __missing__(self, key):
+    return self.seen.builder.info.splits[key]
 
 
 def metadata_builder(dataset: str, data_dir: str, cache_dir: epath.Path | None = None):
@@ -290,7 +378,8 @@ def metadata_builder(dataset: str, data_dir: str, cache_dir: epath.Path | None =
 
 
 def _digest(*parts) -> str:
-  return hashlib.sha256(repr((*parts, tfds.__version__)).encode()).hexdigest()[:16]
+  version = importlib.metadata.version('tensorflow_datasets')  # tfds.__version__, unimported.
+  return hashlib.sha256(repr((*parts, version)).encode()).hexdigest()[:16]
 
 
 def _prepare(builder, download: bool) -> None:

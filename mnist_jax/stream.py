@@ -56,8 +56,11 @@ import uuid
 from collections.abc import Iterator
 
 from etils import epath
+from etils import epy
 import numpy as np
-import tensorflow_datasets as tfds
+
+with epy.lazy_imports():  # At first use: device-mode runs import this module, not TFDS.
+  import tensorflow_datasets as tfds
 
 from mnist_jax import datasets
 from mnist_jax import input_pipeline

@@ -110,3 +110,52 @@ def test_without_a_cache_dir_the_registry_is_asked(tmp_path, monkeypatch):
     input_pipeline.load('tiny_digits', str(tmp_path / 'tfds'), ('train',), download=False,
                         cache_dir=None)
   assert len(registry) == 2
+
+
+def _fresh_load(data_dir, cache_dir, specs) -> dict:
+  """input_pipeline.load in a fresh interpreter, then an MLP built: what it imported, and the
+  arrays it gave (as lists)."""
+  script = textwrap.dedent(f'''
+      import json, sys
+      from mnist_jax import input_pipeline, models
+      from mnist_jax.infra import process
+      info, splits = input_pipeline.load(
+          'tiny_digits', {str(data_dir)!r}, {tuple(specs)!r}, download=False,
+          cache_dir=process.resolve_cache_dir({str(cache_dir)!r}))
+      models.build(dict(name='mlp', hidden_sizes=(8,)), info.num_classes)
+      print(json.dumps(dict(
+          imported=[m for m in ('tensorflow_datasets', 'tensorflow', 'flax.nnx')
+                    if m in sys.modules],
+          info=[info.num_classes, list(info.class_names), list(info.image_shape)],
+          splits={{spec: [s.image.tolist(), s.label.tolist()] for spec, s in splits.items()}})))
+  ''')
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_warm_load_imports_neither_tfds_nor_nnx_and_gives_the_same_data(tmp_path):
+  arrays = _store(tmp_path / 'tfds')
+  cache = tmp_path / 'cache'
+  expect = lambda split, n=None: [arrays[split][0][:n].tolist(), arrays[split][1][:n].tolist()]
+
+  cold = _fresh_load(tmp_path / 'tfds', cache, ('train', 'test'))
+  assert 'tensorflow_datasets' in cold['imported']  # (The check itself works.)
+  assert cold['info'] == [3, ['a', 'b', 'c'], [H, W, 1]]
+  assert cold['splits'] == {'train': expect('train'), 'test': expect('test')}
+
+  warm = _fresh_load(tmp_path / 'tfds', cache, ('train', 'test'))
+  assert warm['imported'] == []  # No TFDS, no TensorFlow, no flax.nnx for a Linen model.
+  assert warm['info'] == cold['info'] and warm['splits'] == cold['splits']
+
+  # A slice: TFDS's own rounding, so TFDS is imported for it, and the data are the same.
+  sliced = _fresh_load(tmp_path / 'tfds', cache, ('train[:50%]', 'test'))
+  assert 'tensorflow_datasets' in sliced['imported']
+  assert sliced['splits'] == {'train[:50%]': expect('train', 6), 'test': expect('test')}
+
+  # A damaged cached split, on the warm path: decoded again from the files, through TFDS.
+  train_npz = next((cache / 'data').glob('tiny_digits-*-train.npz'))
+  train_npz.write_bytes(train_npz.read_bytes()[:100])
+  again = _fresh_load(tmp_path / 'tfds', cache, ('train', 'test'))
+  assert again['splits'] == cold['splits'] and 'tensorflow_datasets' in again['imported']
